@@ -1,0 +1,41 @@
+"""Which backends are built and usable here, and for each one that is not, why."""
+import torch
+
+from aim_kernels import _extension
+from aim_kernels._library import has_backend_kernel
+
+
+def _status(available, reason=None):
+    return {"available": bool(available), "reason": None if available else reason}
+
+
+def backends():
+    """Report of every backend: ``{name: {"available": bool, "reason": str | None}}``.
+
+    cpu: the C++ kernels in aim_kernels._C; cuda: its CUDA kernels (built, and a GPU
+    present); triton: the Triton kernels (triton importable, and a GPU present);
+    reference: the plain-PyTorch path, always usable.
+    """
+    op = torch.ops.aim_kernels.topdown_merge.default
+    report = {}
+    if not _extension.EXT_LOADED:
+        report["cpu"] = _status(False, _extension.EXT_ERROR)
+    else:
+        report["cpu"] = _status(has_backend_kernel(op, "CPU"), "aim_kernels._C has no CPU kernels registered")
+
+    if not _extension.EXT_LOADED:
+        report["cuda"] = _status(False, _extension.EXT_ERROR)
+    elif not has_backend_kernel(op, "CUDA"):
+        report["cuda"] = _status(False, "aim_kernels._C was built without CUDA kernels (torch without CUDA, or nvcc not found, or AIM_KERNELS_CUDA=0)")
+    else:
+        report["cuda"] = _status(torch.cuda.is_available(), "CUDA kernels are built, but no CUDA device is available")
+
+    try:
+        import triton  # noqa: F401
+
+        report["triton"] = _status(torch.cuda.is_available(), "triton is installed, but no CUDA device is available")
+    except ImportError as exc:
+        report["triton"] = _status(False, f"triton is not importable: {exc}")
+
+    report["reference"] = _status(True)
+    return report

@@ -1,0 +1,42 @@
+// Index rules shared by the CPU and CUDA kernels, written once as host/device code so the
+// CPU tests exercise exactly what the GPU runs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define AIM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define AIM_HOST_DEVICE inline
+#endif
+
+namespace aim_kernels {
+
+// Source index of F.interpolate(mode="nearest") along one axis, bit for bit ATen's rule
+// (ATen/native/UpSample.h nearest_idx with no scale given): identity and x2 are exact
+// integer cases; otherwise scale = float(in) / out and src = min(floor(float(dst) * scale), in - 1),
+// in float32 arithmetic, which is why a "ratio 3" is not always dst / 3.
+AIM_HOST_DEVICE int64_t nearest_source_index(int64_t dst, int64_t in_size, int64_t out_size) {
+  if (out_size == in_size) return dst;
+  if (out_size == 2 * in_size) return dst >> 1;
+  const float scale = static_cast<float>(in_size) / static_cast<float>(out_size);
+  const int64_t src = static_cast<int64_t>(floorf(static_cast<float>(dst) * scale));
+  return src < in_size - 1 ? src : in_size - 1;
+}
+
+// First destination index whose source index is >= src. The rule is monotone, so the
+// footprint of source pixel s (all destinations that read it) is
+// [footprint_begin(s), footprint_begin(s + 1)); footprint_begin(in_size) == out_size.
+// Start from the real-valued inverse and correct it against the exact rule.
+AIM_HOST_DEVICE int64_t footprint_begin(int64_t src, int64_t in_size, int64_t out_size) {
+  if (out_size == in_size) return src;
+  if (out_size == 2 * in_size) return 2 * src;
+  int64_t dst = static_cast<int64_t>(ceil(static_cast<double>(src) * out_size / in_size));
+  dst = dst < 0 ? 0 : (dst > out_size ? out_size : dst);
+  while (dst > 0 && nearest_source_index(dst - 1, in_size, out_size) >= src) --dst;
+  while (dst < out_size && nearest_source_index(dst, in_size, out_size) < src) ++dst;
+  return dst;
+}
+
+}  // namespace aim_kernels
