@@ -24,28 +24,36 @@ ALLOCATOR_SETTINGS = {
 CHILD_ENV_FLAG = "AIM_BENCH_ALLOCATOR"
 
 
-def time_ms(fn, warmup=3, reps=25, min_seconds=0.5):
-    """Median and 20th/80th percentile wall time of fn() in ms, over at least `reps` calls."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    start = time.perf_counter()
-    while len(samples) < reps or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-        if len(samples) >= 10 * reps:
-            break
-    q = statistics.quantiles(samples, n=10)
-    return {"median_ms": statistics.median(samples), "p20_ms": q[1], "p80_ms": q[7], "reps": len(samples)}
+def time_interleaved(fns, rounds=15, warmup=2):
+    """Median and 20th/80th percentile wall time (ms) of each named zero-argument callable.
+
+    Calls go round-robin (a, b, c, a, b, c, ...) so that load from other processes on this
+    shared 2-core machine slows every provider alike and the ratios stay meaningful."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    stats = {}
+    for name, s in samples.items():
+        q = statistics.quantiles(s, n=10)
+        stats[name] = {"median_ms": statistics.median(s), "p20_ms": q[1], "p80_ms": q[7], "reps": len(s)}
+    return stats
 
 
-def elementwise_bandwidth_gbs(numel=16 * 256 * 56 * 56):
-    """GB/s of torch.add(a, b, out=c) on float32 tensors of `numel` (preallocated output):
-    12 bytes moved per element."""
+BANDWIDTH_NUMEL = 16 * 256 * 56 * 56  # 51 MB per float32 tensor: far larger than the caches
+
+
+def bandwidth_probe(numel=BANDWIDTH_NUMEL):
+    """A callable for time_interleaved: torch.add(a, b, out=c) on float32, preallocated output,
+    and the bytes it moves (read a and b, write c). Its GB/s is this machine's achievable
+    elementwise bandwidth, measured alongside the providers."""
     a, b, c = (torch.randn(numel) for _ in range(3))
-    t = time_ms(lambda: torch.add(a, b, out=c), reps=30)["median_ms"]
-    return 12 * numel / (t * 1e-3) / 1e9
+    return (lambda: torch.add(a, b, out=c)), 12 * numel
 
 
 def machine_info():
