@@ -127,11 +127,13 @@ constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 // reference.portable_log.
 AIM_HOST_DEVICE float portable_log(float x) {
   const uint32_t bits = bits_of(x);
-  int32_t e = static_cast<int32_t>(bits >> 23) - 126;  // x = m * 2^e, m in [0.5, 1)
-  float m = float_of((bits & 0x007FFFFFu) | 0x3F000000u);
-  const bool small = m < 0.70710677f;
-  e -= small ? 1 : 0;
-  m = add(small ? add(m, m) : m, -1.0f);  // exact (Sterbenz)
+  const uint32_t mantissa = bits & 0x007FFFFFu;
+  // x = m * 2^e with m in [0.5, 1); below sqrt(1/2) (0x3F3504F3) take 2m in [1, sqrt 2) and
+  // e - 1 instead. Decided and applied on the bits (the same values as comparing m and
+  // computing m + m), because a float compare-and-select keeps AVX2 compilers from vectorizing.
+  const bool small = mantissa < 0x003504F3u;
+  const int32_t e = static_cast<int32_t>(bits >> 23) - (small ? 127 : 126);
+  const float m = add(float_of(mantissa | (small ? 0x3F800000u : 0x3F000000u)), -1.0f);  // exact (Sterbenz)
   const float z = mul(m, m);
   float p = 7.0376836292e-2f;
   p = add(mul(p, m), -1.1514610310e-1f);
@@ -152,9 +154,10 @@ AIM_HOST_DEVICE float portable_log(float x) {
 
 // Logistic noise log(u) - log(1 - u) of one Philox word (see the stream definition above).
 AIM_HOST_DEVICE float logistic_noise(uint32_t word) {
-  const uint32_t k = word >> 9;
-  const float num = static_cast<float>(2u * k + 1u);               // exact: < 2^24
-  const float den = static_cast<float>((1u << 24) - 2u * k - 1u);  // exact: < 2^24
+  // Through int32 (values < 2^24, exact): uint32-to-float has no AVX2 instruction.
+  const int32_t k = static_cast<int32_t>(word >> 9);
+  const float num = static_cast<float>(2 * k + 1);
+  const float den = static_cast<float>((1 << 24) - 2 * k - 1);
   return portable_log(div(num, den));
 }
 

@@ -1,10 +1,9 @@
 // gumbel_binarize on CPU: hard Gumbel mask forward and straight-through backward, the
 // logistic noise generated in-kernel from csrc/philox.h and recomputed in backward.
 //
-// Work is cut into tiles of whole Philox blocks. A tile first fills a small float buffer
-// with its noise (fill_noise: Philox + portable_log, compiled for AVX-512/AVX2/baseline and
-// picked at load time, so the integer rounds and the log polynomial run in SIMD lanes),
-// then a second loop applies it to the tile's elements in their dtype.
+// Work is cut into tiles of whole Philox blocks. A tile first fills small buffers with its
+// Philox words and their noise (SIMD loops, see AIM_SIMD_CLONES), then a loop applies the
+// noise to the tile's elements in their dtype.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,22 +18,40 @@ namespace aim_kernels {
 namespace {
 
 constexpr int64_t kTileBlocks = 512;  // 2048 positions, an 8 KB noise buffer per task
+// Split across threads only from 16 tiles (32K elements, ATen's own grain size) up: below
+// that, waking a second thread costs more than the work.
+constexpr int64_t kParallelGrainTiles = 16;
 
+// Compiled for AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and the baseline; the loader picks one
+// by CPU. -ffp-contract=off still holds in every clone: no FMA, the stream stays exact.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define AIM_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define AIM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define AIM_SIMD_CLONES
 #endif
 
-// Noise of the 4 * count positions of blocks first_block .. first_block + count - 1.
-AIM_SIMD_CLONES void fill_noise(uint64_t seed, uint64_t first_block, int64_t count, float* __restrict__ out) {
+// Philox words of blocks first_block .. first_block + count - 1 (count <= kTileBlocks), four
+// per block in stream order. 32-bit lanes only: the block index is split into its low word
+// plus a carry into the high word, which vectorizes twice as wide as a uint64 index.
+AIM_SIMD_CLONES void fill_words(uint64_t seed, uint64_t first_block, int64_t count, uint32_t* __restrict__ out) {
+  const uint32_t base_lo = static_cast<uint32_t>(first_block), base_hi = static_cast<uint32_t>(first_block >> 32);
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  // int64 index: with -fwrapv an int32 4 * i may wrap, and the stores stop looking contiguous.
   for (int64_t i = 0; i < count; ++i) {
-    const philox::Words w = philox::stream_block(seed, first_block + static_cast<uint64_t>(i));
-    out[4 * i + 0] = philox::logistic_noise(w.w0);
-    out[4 * i + 1] = philox::logistic_noise(w.w1);
-    out[4 * i + 2] = philox::logistic_noise(w.w2);
-    out[4 * i + 3] = philox::logistic_noise(w.w3);
+    const uint32_t c0 = base_lo + static_cast<uint32_t>(i);
+    const uint32_t c1 = base_hi + (c0 < base_lo ? 1u : 0u);
+    const philox::Words w = philox::philox4x32_10(c0, c1, 0u, 0u, k0, k1);
+    out[4 * i + 0] = w.w0;
+    out[4 * i + 1] = w.w1;
+    out[4 * i + 2] = w.w2;
+    out[4 * i + 3] = w.w3;
   }
+}
+
+// Logistic noise of n words. A separate pass: fused with fill_words the interleaved float
+// stores made the loop slower than the two passes together.
+AIM_SIMD_CLONES void words_to_noise(const uint32_t* __restrict__ words, int64_t n, float* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = philox::logistic_noise(words[i]);
 }
 
 // Straight-through gradient of count elements in float32: the portable_exp path.
@@ -54,18 +71,20 @@ void for_each_tile(int64_t numel, bool training, uint64_t seed, int64_t offset, 
   if (!training) {
     static const float zeros[4 * kTileBlocks] = {};
     const int64_t tile = 4 * kTileBlocks;
-    at::parallel_for(0, (numel + tile - 1) / tile, 4, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, (numel + tile - 1) / tile, kParallelGrainTiles, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) fn(t * tile, std::min(numel, (t + 1) * tile), zeros);
     });
     return;
   }
   const StreamRange range = stream_range(offset, numel);
   const int64_t tiles = (range.blocks + kTileBlocks - 1) / kTileBlocks;
-  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles, kParallelGrainTiles, [&](int64_t begin, int64_t end) {
+    alignas(64) uint32_t words[4 * kTileBlocks];
     alignas(64) float noise[4 * kTileBlocks];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b0 = t * kTileBlocks, count = std::min(kTileBlocks, range.blocks - b0);
-      fill_noise(seed, range.first_block + static_cast<uint64_t>(b0), count, noise);
+      fill_words(seed, range.first_block + static_cast<uint64_t>(b0), count, words);
+      words_to_noise(words, 4 * count, noise);
       // positions 4 * b0 .. 4 * (b0 + count) of this call's stream are elements - lead ..
       const int64_t j_begin = std::max<int64_t>(0, 4 * b0 - range.lead);
       const int64_t j_end = std::min<int64_t>(numel, 4 * (b0 + count) - range.lead);

@@ -1,0 +1,119 @@
+"""Speed and saved-for-backward memory of gumbel_binarize against eager PyTorch,
+F.gumbel_softmax and torch.compile, forward and forward+backward, at AIM mask sizes.
+
+    python benchmarks/bench_gumbel_binarize.py [--quick]
+
+Providers (all in training mode, temperature 1, float32, fresh noise every call):
+  eager          torch.rand + log + sigmoid + threshold + the detach trick (hard - soft.detach() + soft)
+  gumbel_softmax F.gumbel_softmax(hard=True) over two channels [a, 0] (its channel-0 output is the
+                 binary Gumbel-softmax of a: the difference of two Gumbels is logistic)
+  torch.compile  torch.compile of `eager`
+  aim_kernels    aim_kernels.gumbel_binarize (seed=None: one seed drawn per call, noise in-kernel)
+Every provider runs under both allocator settings (see common.py), timed round-robin in one
+process; speed is reported as ratios against eager in the same run. Saved-for-backward bytes
+are counted with torch.autograd.graph.saved_tensors_hooks (distinct storages packed by one
+forward). Writes benchmarks/results/gumbel_binarize.{json,csv}.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import aim_kernels  # noqa: E402
+
+CASES = [(64, 1, 112, 112), (256, 1, 56, 56)]
+QUICK_CASES = [(8, 1, 56, 56)]
+
+
+def eager_straight_through(logits, temperature=1.0):
+    """The eager baseline: logistic noise from torch.rand, hard threshold, detach trick."""
+    u = torch.rand_like(logits)
+    noise = torch.log(u) - torch.log(1 - u)
+    soft = torch.sigmoid((logits + noise) / temperature)
+    hard = (logits + noise >= 0).to(logits.dtype)
+    return hard - soft.detach() + soft
+
+
+def gumbel_softmax_two_channels(logits, temperature=1.0):
+    two = torch.cat([logits, torch.zeros_like(logits)], dim=1)
+    return F.gumbel_softmax(two, tau=temperature, hard=True, dim=1)[:, :1]
+
+
+def ours(logits, temperature=1.0):
+    return aim_kernels.gumbel_binarize(logits, temperature)
+
+
+def saved_bytes(fn, logits):
+    """Bytes of the distinct storages autograd saves for backward during one forward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(logits)
+    return sum(storages.values())
+
+
+def child(quick):
+    torch.manual_seed(0)
+    compiled = torch.compile(eager_straight_through, dynamic=False)
+    providers = {"eager": eager_straight_through, "gumbel_softmax": gumbel_softmax_two_channels,
+                 "torch.compile": compiled, "aim_kernels": ours}
+    rows = []
+    for shape in QUICK_CASES if quick else CASES:
+        logits = torch.randn(shape, requires_grad=True)
+        grad = torch.randn(shape)
+        fns = {}
+        for name, fn in providers.items():
+            fns[(name, "forward")] = lambda fn=fn: _no_grad_call(fn, logits)
+            fns[(name, "forward+backward")] = lambda fn=fn: torch.autograd.grad(fn(logits), logits, grad)
+        stats = common.time_interleaved(fns, rounds=8 if quick else 20, warmup=3)
+        memory = {name: saved_bytes(fn, logits) for name, fn in providers.items()}
+        for (name, mode), t in stats.items():
+            rows.append({
+                "allocator": os.environ.get(common.CHILD_ENV_FLAG, "inherited"),
+                "shape": "x".join(map(str, shape)), "mode": mode, "provider": name,
+                "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
+                "saved_bytes": memory[name], "logits_bytes": logits.numel() * logits.element_size(),
+            })
+    print(json.dumps(rows))
+
+
+def _no_grad_call(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+def add_speedups(rows):
+    by_key = {(r["allocator"], r["shape"], r["mode"], r["provider"]): r for r in rows}
+    for r in rows:
+        key = (r["allocator"], r["shape"], r["mode"])
+        r["x_vs_eager"] = by_key[key + ("eager",)]["median_ms"] / r["median_ms"]
+        r["x_vs_compile"] = by_key[key + ("torch.compile",)]["median_ms"] / r["median_ms"]
+        r["saved_vs_logits"] = r["saved_bytes"] / r["logits_bytes"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
+    args = parser.parse_args()
+    if os.environ.get(common.CHILD_ENV_FLAG):
+        return child(args.quick)
+    rows = [r for part in common.run_under_both_allocators(__file__, sys.argv[1:]) for r in part]
+    add_speedups(rows)
+    common.print_table(rows, ["allocator", "shape", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
+                              "x_vs_eager", "x_vs_compile", "saved_bytes", "saved_vs_logits"])
+    paths = common.write_results("gumbel_binarize" + ("_quick" if args.quick else ""), rows, common.machine_info())
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
