@@ -1,7 +1,7 @@
 """Speed and saved-for-backward memory of gumbel_binarize against eager PyTorch,
 F.gumbel_softmax and torch.compile, forward and forward+backward, at AIM mask sizes.
 
-    python benchmarks/bench_gumbel_binarize.py [--quick]
+    python benchmarks/bench_gumbel_binarize.py [--quick] [--threads N]
 
 Providers (all in training mode, temperature 1, float32, fresh noise every call):
   eager          torch.rand + log + sigmoid + threshold + the detach trick (hard - soft.detach() + soft)
@@ -12,7 +12,10 @@ Providers (all in training mode, temperature 1, float32, fresh noise every call)
 Every provider runs under both allocator settings (see common.py), timed round-robin in one
 process; speed is reported as ratios against eager in the same run. Saved-for-backward bytes
 are counted with torch.autograd.graph.saved_tensors_hooks (distinct storages packed by one
-forward). Writes benchmarks/results/gumbel_binarize.{json,csv}.
+forward; saved_new_bytes leaves out logits' own storage). --threads sets torch's intra-op
+threads for every provider (default: torch's default); on a loaded machine one thread avoids
+stalls of a whole scheduler time slice when a second worker thread is descheduled.
+Writes benchmarks/results/gumbel_binarize[_quick][_tN].{json,csv}.
 """
 import argparse
 import json
@@ -50,7 +53,9 @@ def ours(logits, temperature=1.0):
 
 
 def saved_bytes(fn, logits):
-    """Bytes of the distinct storages autograd saves for backward during one forward."""
+    """(all, new): bytes of the distinct storages autograd saves for backward during one
+    forward, and of those other than logits' own (memory the forward allocates only for
+    backward; saving logits itself just keeps the input alive)."""
     storages = {}
 
     def pack(t):
@@ -59,10 +64,13 @@ def saved_bytes(fn, logits):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(logits)
-    return sum(storages.values())
+    new = sum(n for ptr, n in storages.items() if ptr != logits.untyped_storage().data_ptr())
+    return sum(storages.values()), new
 
 
-def child(quick):
+def child(quick, threads):
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     compiled = torch.compile(eager_straight_through, dynamic=False)
     providers = {"eager": eager_straight_through, "gumbel_softmax": gumbel_softmax_two_channels,
@@ -75,14 +83,15 @@ def child(quick):
         for name, fn in providers.items():
             fns[(name, "forward")] = lambda fn=fn: _no_grad_call(fn, logits)
             fns[(name, "forward+backward")] = lambda fn=fn: torch.autograd.grad(fn(logits), logits, grad)
-        stats = common.time_interleaved(fns, rounds=8 if quick else 20, warmup=3)
+        stats = common.time_interleaved(fns, rounds=8 if quick else 30, warmup=3)
         memory = {name: saved_bytes(fn, logits) for name, fn in providers.items()}
         for (name, mode), t in stats.items():
             rows.append({
-                "allocator": os.environ.get(common.CHILD_ENV_FLAG, "inherited"),
+                "allocator": os.environ.get(common.CHILD_ENV_FLAG, "inherited"), "threads": torch.get_num_threads(),
                 "shape": "x".join(map(str, shape)), "mode": mode, "provider": name,
                 "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
-                "saved_bytes": memory[name], "logits_bytes": logits.numel() * logits.element_size(),
+                "saved_bytes": memory[name][0], "saved_new_bytes": memory[name][1],
+                "logits_bytes": logits.numel() * logits.element_size(),
             })
     print(json.dumps(rows))
 
@@ -104,14 +113,16 @@ def add_speedups(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
     if os.environ.get(common.CHILD_ENV_FLAG):
-        return child(args.quick)
+        return child(args.quick, args.threads)
     rows = [r for part in common.run_under_both_allocators(__file__, sys.argv[1:]) for r in part]
     add_speedups(rows)
-    common.print_table(rows, ["allocator", "shape", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
-                              "x_vs_eager", "x_vs_compile", "saved_bytes", "saved_vs_logits"])
-    paths = common.write_results("gumbel_binarize" + ("_quick" if args.quick else ""), rows, common.machine_info())
+    common.print_table(rows, ["allocator", "threads", "shape", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
+                              "x_vs_eager", "x_vs_compile", "saved_bytes", "saved_new_bytes"])
+    stem = "gumbel_binarize" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
+    paths = common.write_results(stem, rows, common.machine_info())
     print("wrote", *paths)
 
 
