@@ -30,7 +30,11 @@ def gumbel_binarize(logits, temperature=1.0, *, training=True, seed=None, offset
     ``offset + i`` (i the row-major element index); the gradient is the straight-through
     ``grad * soft * (1 - soft) / temperature``, ``soft = sigmoid((logits + noise) / temperature)``,
     with the noise recomputed in backward (only logits and the seed are saved).
-    Evaluation (``training=False``): ``hard = (logits >= 0)``, no randomness used.
+    Evaluation (``training=False``): ``hard = (logits >= 0)``, no randomness used (the
+    gradient, if asked for, is the same formula with zero noise).
+
+    Seeds drawn for seed=None are 64-bit keys, so two calls share a stream only if two
+    draws collide (probability about calls**2 / 2**65).
 
     Args:
         logits: any shape, float32/float16/bfloat16/float64, any layout.
@@ -38,7 +42,9 @@ def gumbel_binarize(logits, temperature=1.0, *, training=True, seed=None, offset
         training: see above.
         seed: int in [-2**63, 2**64) (taken as a 64-bit pattern), or None to draw one from
             torch's default generator for logits' device (``torch.manual_seed`` makes runs
-            reproducible; each call gets a fresh 64-bit key, so calls never share a stream).
+            reproducible; each call gets a fresh 64-bit key). Under torch.compile the draw
+            is part of the graph (Inductor's RNG: reproducible under manual_seed, but not
+            the same draw as eager).
         offset: first stream position, 0 <= offset < 2**63. Calls with the same seed and
             disjoint ranges [offset, offset + numel) get independent noise.
 

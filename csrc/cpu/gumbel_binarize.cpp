@@ -31,8 +31,8 @@ constexpr int64_t kParallelGrainTiles = 16;
 #endif
 
 // Philox words of blocks first_block .. first_block + count - 1 (count <= kTileBlocks), four
-// per block in stream order. 32-bit lanes only: the block index is split into its low word
-// plus a carry into the high word, which vectorizes twice as wide as a uint64 index.
+// per block in stream order. 32-bit lanes only (the block index as its low word plus a
+// carry into the high word), so the vectorized loop carries no 64-bit lanes.
 AIM_SIMD_CLONES void fill_words(uint64_t seed, uint64_t first_block, int64_t count, uint32_t* __restrict__ out) {
   const uint32_t base_lo = static_cast<uint32_t>(first_block), base_hi = static_cast<uint32_t>(first_block >> 32);
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
