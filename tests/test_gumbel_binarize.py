@@ -99,7 +99,8 @@ def test_portable_log_accuracy():
 def test_forward_matches_reference_exactly(dtype, shape):
     torch.manual_seed(0)
     logits = (torch.randn(shape) * 3).to(dtype)
-    for seed, offset in [(5, 0), (-3, 3), (2**63 + 11, 2**40 + 1)]:
+    # The last offset makes the Philox block index cross 2**32 (the counter's high word).
+    for seed, offset in [(5, 0), (-3, 3), (2**63 + 11, 2**40 + 1), (7, 4 * (2**32 - 9) + 2)]:
         s = seed_tensor(seed - 2**64 if seed >= 2**63 else seed)
         expected = reference.gumbel_binarize(logits, 0.7, True, s, offset)
         got = aim_kernels.gumbel_binarize(logits, 0.7, seed=seed, offset=offset)

@@ -11,6 +11,10 @@
 
 #include <algorithm>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "../gumbel_binarize.h"
 #include "../philox.h"
 
@@ -48,6 +52,73 @@ AIM_SIMD_CLONES void fill_words(uint64_t seed, uint64_t first_block, int64_t cou
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AIM_AVX512_PHILOX 1
+// The same words with AVX-512 intrinsics, 16 blocks per step: compilers vectorize
+// fill_words' 32x32->64-bit products poorly, and this runs it about twice as fast. Each
+// vector lane is one block: the products of even and odd 32-bit lanes come from two
+// _mm512_mul_epu32 and are blended back into hi/lo words; the four word vectors are then
+// transposed so that each block's four words are stored consecutively (stream order).
+__attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+__attribute__((target("avx512f"))) void fill_words_avx512(uint64_t seed, uint64_t first_block, int64_t count,
+                                                         uint32_t* __restrict__ out) {
+  const uint32_t base_lo = static_cast<uint32_t>(first_block), base_hi = static_cast<uint32_t>(first_block >> 32);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(philox::kM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(philox::kM1));
+  const __m512i lo_v = _mm512_set1_epi32(static_cast<int>(base_lo)), hi_v = _mm512_set1_epi32(static_cast<int>(base_hi));
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base_lo + static_cast<uint32_t>(i))), iota);
+    __m512i c1 = _mm512_mask_add_epi32(hi_v, _mm512_cmplt_epu32_mask(c0, lo_v), hi_v, _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+      if (r > 0) {
+        k0 += philox::kW0;
+        k1 += philox::kW1;
+      }
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c0, m0, hi0, lo0);
+      mulhilo16(c2, m1, hi1, lo1);
+      c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+      c1 = lo1;
+      c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+      c3 = lo0;
+    }
+    // 128-bit lane k of u_j holds block 4k + j's four words; regroup to blocks 0-3, 4-7, ...
+    const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+    const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+    const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+    const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+    const __m512i a01 = _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i a23 = _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i b01 = _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i b23 = _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));
+    uint32_t* o = out + 4 * i;
+    _mm512_storeu_si512(o, _mm512_shuffle_i32x4(a01, a23, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm512_storeu_si512(o + 16, _mm512_shuffle_i32x4(a01, a23, _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm512_storeu_si512(o + 32, _mm512_shuffle_i32x4(b01, b23, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm512_storeu_si512(o + 48, _mm512_shuffle_i32x4(b01, b23, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  fill_words(seed, first_block + static_cast<uint64_t>(i), count - i, out + 4 * i);
+}
+#endif
+
+void fill_words_fastest(uint64_t seed, uint64_t first_block, int64_t count, uint32_t* out) {
+#if defined(AIM_AVX512_PHILOX)
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  if (has_avx512) return fill_words_avx512(seed, first_block, count, out);
+#endif
+  fill_words(seed, first_block, count, out);
+}
+
 // Logistic noise of n words. A separate pass: fused with fill_words the interleaved float
 // stores made the loop slower than the two passes together.
 AIM_SIMD_CLONES void words_to_noise(const uint32_t* __restrict__ words, int64_t n, float* __restrict__ out) {
@@ -83,7 +154,7 @@ void for_each_tile(int64_t numel, bool training, uint64_t seed, int64_t offset, 
     alignas(64) float noise[4 * kTileBlocks];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b0 = t * kTileBlocks, count = std::min(kTileBlocks, range.blocks - b0);
-      fill_words(seed, range.first_block + static_cast<uint64_t>(b0), count, words);
+      fill_words_fastest(seed, range.first_block + static_cast<uint64_t>(b0), count, words);
       words_to_noise(words, 4 * count, noise);
       // positions 4 * b0 .. 4 * (b0 + count) of this call's stream are elements - lead ..
       const int64_t j_begin = std::max<int64_t>(0, 4 * b0 - range.lead);
