@@ -110,7 +110,8 @@ LOG_LN2_HI, LOG_LN2_LO = _f32(0.693359375), _f32(-2.12194440e-4)  # ln 2 split; 
 def portable_log(x):
     """Natural log of a positive normal float32 tensor using only IEEE-exact float32 +, -, *
     (no libm), step by step in the order csrc/philox.h and the Triton kernel use, so every
-    backend gets the same bits. Accuracy: within 2 ulp of log."""
+    backend gets the same bits (the C++ range reduction picks m or 2m on the mantissa bits:
+    the same exact values). Accuracy: within 2 ulp of log."""
     bits = x.view(torch.int32)
     e = (bits >> 23) - 126  # x = m * 2**e with m in [0.5, 1)
     m = ((bits & 0x007FFFFF) | 0x3F000000).view(torch.float32)
