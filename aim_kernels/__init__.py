@@ -9,6 +9,9 @@ from aim_kernels import _library  # noqa: F401  (defines the namespace before _C
 from aim_kernels.topdown_merge import topdown_merge
 from aim_kernels import _extension  # noqa: E402  (after the schemas: _C adds kernels to them)
 from aim_kernels._backends import backends
+from aim_kernels._cuda_backend import get_cuda_backend, set_cuda_backend, select_at_import as _select_cuda_backend
 from aim_kernels import reference
 
-__all__ = ["topdown_merge", "backends", "reference"]
+_select_cuda_backend()  # after every op module has declared its Triton launchers
+
+__all__ = ["topdown_merge", "backends", "get_cuda_backend", "set_cuda_backend", "reference"]

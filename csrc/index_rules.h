@@ -13,16 +13,31 @@
 
 namespace aim_kernels {
 
+// One axis of F.interpolate(mode="nearest"): sizes and the float32 scale ATen derives from
+// them. Kernels build it once per call so the hot loop does no division.
+struct NearestAxis {
+  int64_t in_size;
+  int64_t out_size;
+  float scale;
+};
+
+AIM_HOST_DEVICE NearestAxis make_nearest_axis(int64_t in_size, int64_t out_size) {
+  return NearestAxis{in_size, out_size, static_cast<float>(in_size) / static_cast<float>(out_size)};
+}
+
 // Source index of F.interpolate(mode="nearest") along one axis, bit for bit ATen's rule
 // (ATen/native/UpSample.h nearest_idx with no scale given): identity and x2 are exact
 // integer cases; otherwise scale = float(in) / out and src = min(floor(float(dst) * scale), in - 1),
 // in float32 arithmetic, which is why a "ratio 3" is not always dst / 3.
+AIM_HOST_DEVICE int64_t source_index(const NearestAxis& axis, int64_t dst) {
+  if (axis.out_size == axis.in_size) return dst;
+  if (axis.out_size == 2 * axis.in_size) return dst >> 1;
+  const int64_t src = static_cast<int64_t>(floorf(static_cast<float>(dst) * axis.scale));
+  return src < axis.in_size - 1 ? src : axis.in_size - 1;
+}
+
 AIM_HOST_DEVICE int64_t nearest_source_index(int64_t dst, int64_t in_size, int64_t out_size) {
-  if (out_size == in_size) return dst;
-  if (out_size == 2 * in_size) return dst >> 1;
-  const float scale = static_cast<float>(in_size) / static_cast<float>(out_size);
-  const int64_t src = static_cast<int64_t>(floorf(static_cast<float>(dst) * scale));
-  return src < in_size - 1 ? src : in_size - 1;
+  return source_index(make_nearest_axis(in_size, out_size), dst);
 }
 
 // First destination index whose source index is >= src. The rule is monotone, so the
@@ -37,6 +52,21 @@ AIM_HOST_DEVICE int64_t footprint_begin(int64_t src, int64_t in_size, int64_t ou
   while (dst > 0 && nearest_source_index(dst - 1, in_size, out_size) >= src) --dst;
   while (dst < out_size && nearest_source_index(dst, in_size, out_size) < src) ++dst;
   return dst;
+}
+
+// Most destinations any one source pixel feeds along an axis (0 for an empty axis): the
+// bound a gather kernel's unrolled footprint loop must cover.
+AIM_HOST_DEVICE int64_t max_footprint(int64_t in_size, int64_t out_size) {
+  if (in_size == 0) return 0;
+  if (out_size == in_size) return 1;
+  if (out_size == 2 * in_size) return 2;
+  int64_t longest = 0, begin = 0;
+  for (int64_t s = 0; s < in_size; ++s) {
+    const int64_t end = footprint_begin(s + 1, in_size, out_size);
+    longest = end - begin > longest ? end - begin : longest;
+    begin = end;
+  }
+  return longest;
 }
 
 }  // namespace aim_kernels
