@@ -14,7 +14,9 @@ def backends():
 
     cpu: the C++ kernels in aim_kernels._C; cuda: its CUDA kernels (built, and a GPU
     present); triton: the Triton kernels (triton importable, and a GPU present);
-    reference: the plain-PyTorch path, always usable.
+    reference: the plain-PyTorch path, always usable. The cuda and triton entries also
+    carry "selected": whether that backend serves the ops on CUDA tensors (see
+    aim_kernels.set_cuda_backend).
     """
     op = torch.ops.aim_kernels.topdown_merge.default
     report = {}
@@ -37,5 +39,10 @@ def backends():
     except ImportError as exc:
         report["triton"] = _status(False, f"triton is not importable: {exc}")
 
+    from aim_kernels._cuda_backend import get_cuda_backend
+
+    # "selected": which of the two serves aim_kernels ops on CUDA tensors (set_cuda_backend)
+    for name in ("cuda", "triton"):
+        report[name]["selected"] = get_cuda_backend() == name
     report["reference"] = _status(True)
     return report

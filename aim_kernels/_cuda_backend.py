@@ -98,7 +98,7 @@ def get_cuda_backend():
 def select_at_import():
     """Apply AIM_KERNELS_CUDA_BACKEND, else the default. A name that is not a backend is an
     error; a backend that is unusable here is a warning, and the other one is used."""
-    requested = os.environ.get(ENV_VAR)
+    requested = os.environ.get(ENV_VAR) or None  # set but empty counts as unset
     if requested is not None and requested not in CHOICES:
         raise ValueError(f"{ENV_VAR} must be one of {CHOICES}, got {requested!r}")
     order = [requested] if requested else []
