@@ -74,7 +74,7 @@ def compile_plan(plan, arch):
     signature, constexprs, attrs = specialize(plan)
     src = ASTSource(fn=plan.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": merge.NUM_WARPS, "enable_fp_fusion": False})
+                              options={"num_warps": plan.num_warps, "enable_fp_fusion": False})
     (registers, spill), = cubin_resources(compiled.asm["cubin"]).values()
     return KernelResources(plan.kernel.__name__, arch, registers, spill, compiled.metadata.shared, compiled.asm["ptx"])
 
@@ -122,4 +122,5 @@ def topdown_merge_plans():
 def plan_key(plan):
     """Plans with the same key compile to the same binary."""
     signature, constexprs, attrs = specialize(plan)
-    return plan.kernel.__name__, tuple(signature.items()), tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(attrs))
+    constants = tuple(sorted((k, str(v)) for k, v in constexprs.items()))
+    return plan.kernel.__name__, tuple(signature.items()), constants, tuple(sorted(attrs)), plan.num_warps

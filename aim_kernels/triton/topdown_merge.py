@@ -31,7 +31,10 @@ import triton.language as tl
 from aim_kernels._library import memory_format_of
 from aim_kernels.topdown_merge import validate
 
-NUM_WARPS = 4
+# Backward tiles hold three inputs and their 64-bit addresses per element: 8 warps keep that
+# near 100 registers per thread (4 warps needed up to ~220, i.e. 2 blocks per SM).
+FORWARD_NUM_WARPS = 4
+BACKWARD_NUM_WARPS = 8
 MAX_FOOTPRINT_SLOTS = 16  # footprint positions per tile; longer footprints loop over tiles
 
 # (BLOCK_P, BLOCK_C) tiles of 1024 elements the forward launcher picks from, by layout.
@@ -213,9 +216,10 @@ class LaunchPlan:
     grid: tuple
     args: list  # positional runtime arguments, in kernel order
     constexprs: dict
+    num_warps: int
 
     def run(self):
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, enable_fp_fusion=False)
 
 
 def plan_forward(feat, mask, prev):
@@ -239,7 +243,8 @@ def plan_forward(feat, mask, prev):
     args = [out, feat, mask, prev, src_y, src_x, c, h * w, w, ws,
             *_strides(feat, fmt), *_strides(mask, fmt), *prev_strides, pixel_blocks, channel_blocks]
     constexprs = dict(HAS_PREV=has_prev, ACC=_acc_dtype(feat.dtype), BLOCK_P=block_p, BLOCK_C=block_c)
-    return LaunchPlan(_merge_forward_kernel, (n * pixel_blocks * channel_blocks,), args, constexprs), out
+    plan = LaunchPlan(_merge_forward_kernel, (n * pixel_blocks * channel_blocks,), args, constexprs, FORWARD_NUM_WARPS)
+    return plan, out
 
 
 def plan_backward(grad_out, feat, mask, prev_size):
@@ -276,7 +281,7 @@ def plan_backward(grad_out, feat, mask, prev_size):
             *_strides(feat, fmt), *_strides(mask, fmt), *prev_strides, source_blocks]
     constexprs = dict(HAS_PREV=has_prev, MASK_FULL=mask_full, ACC=_acc_dtype(feat.dtype),
                       BLOCK_S=block_s, BLOCK_K=block_k, BLOCK_C=block_c)
-    plan = LaunchPlan(_merge_backward_kernel, (n * source_blocks,), args, constexprs)
+    plan = LaunchPlan(_merge_backward_kernel, (n * source_blocks,), args, constexprs, BACKWARD_NUM_WARPS)
     return plan, grad_feat, grad_mask, grad_prev, prev_accumulator
 
 

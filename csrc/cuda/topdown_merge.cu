@@ -12,6 +12,10 @@
 // Footprints longer than kMaxFootprint along an axis (ratios above 4) take two passes:
 // grad_feat/grad_mask per output pixel, then a gather of grad_prev that reads grad_out again.
 //
+// Index arithmetic runs in I = int32_t when every tensor has fewer than 2^31 elements and in
+// int64_t otherwise: 64-bit integer division is a called subroutine on the GPU, and its calls
+// cost registers (ptxas reported small spills with int64 decoding everywhere).
+//
 // fp32 results match ATen bit for bit: the multiply and the add round separately
 // (nvcc runs with --fmad=false), as in the reference's two eager kernels.
 #include <ATen/ATen.h>
@@ -53,38 +57,38 @@ unsigned int blocks_for(int64_t threads) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename T, int VEC, bool CHANNELS_LAST>
+template <typename T, typename I, int VEC, bool CHANNELS_LAST>
 __global__ void __launch_bounds__(kThreads) merge_forward_kernel(T* __restrict__ out, const T* __restrict__ feat,
                                                                  const T* __restrict__ mask,
                                                                  const T* __restrict__ prev, Dims d) {
   using acc_t = at::opmath_type<T>;
   using P = Pack<T, VEC>;
-  const int64_t HW = d.H * d.W;
-  const int64_t packs = d.N * d.C * HW / VEC;
+  const I C = d.C, H = d.H, W = d.W, hs = d.hs, ws = d.ws, HW = H * W;
+  const int64_t packs = d.N * d.C * d.H * d.W / VEC;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < packs; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t e = i * VEC;
+    const I e = I(i) * VEC;
     const P f = *reinterpret_cast<const P*>(feat + e);
     P o;
     if constexpr (!CHANNELS_LAST) {
-      const int64_t plane = e / HW, hw = e - plane * HW, n = plane / d.C;
-      int64_t y = hw / d.W, x = hw - y * d.W;
+      const I plane = e / HW, hw = e - plane * HW, n = plane / C;
+      I y = hw / W, x = hw - y * W;
       const P m = *reinterpret_cast<const P*>(mask + (d.mask_full ? e : n * HW + hw));
-      const T* prev_plane = d.has_prev ? prev + plane * d.hs * d.ws : nullptr;
-      int64_t sy = d.has_prev ? source_index(d.ys, y) : 0;
+      const T* prev_plane = d.has_prev ? prev + plane * hs * ws : nullptr;
+      I sy = d.has_prev ? I(source_index(d.ys, y)) : I(0);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         acc_t v = acc_t(f.v[k]) * acc_t(m.v[k]);
-        if (d.has_prev) v = v + acc_t(prev_plane[sy * d.ws + source_index(d.xs, x)]);
+        if (d.has_prev) v = v + acc_t(prev_plane[sy * ws + I(source_index(d.xs, x))]);
         o.v[k] = T(v);
-        if (++x == d.W && k + 1 < VEC) {
+        if (++x == W && k + 1 < VEC) {
           x = 0;
           ++y;
-          if (d.has_prev) sy = source_index(d.ys, y);
+          if (d.has_prev) sy = I(source_index(d.ys, y));
         }
       }
     } else {
-      const int64_t pix = e / d.C, c = e - pix * d.C;
-      const int64_t x = pix % d.W, ny = pix / d.W, y = ny % d.H, n = ny / d.H;
+      const I pix = e / C, c = e - pix * C;
+      const I ny = pix / W, x = pix - ny * W, n = ny / H, y = ny - n * H;
       P m;
       if (d.mask_full) {
         m = *reinterpret_cast<const P*>(mask + e);
@@ -94,8 +98,8 @@ __global__ void __launch_bounds__(kThreads) merge_forward_kernel(T* __restrict__
       }
       P p;
       if (d.has_prev) {
-        const int64_t src_pix = (n * d.hs + source_index(d.ys, y)) * d.ws + source_index(d.xs, x);
-        p = *reinterpret_cast<const P*>(prev + src_pix * d.C + c);
+        const I src_pix = (n * hs + I(source_index(d.ys, y))) * ws + I(source_index(d.xs, x));
+        p = *reinterpret_cast<const P*>(prev + src_pix * C + c);
       }
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
@@ -111,24 +115,24 @@ __global__ void __launch_bounds__(kThreads) merge_forward_kernel(T* __restrict__
 // The footprint of source pixel (sy, sx), walked as K x K unrolled slots; slots past the
 // footprint's end are invalid. Only the four bounds live in registers: a slot's pixel
 // index (within one H x W plane) is recomputed where it is used.
-template <int K>
+template <typename I, int K>
 struct Footprint {
-  int64_t y0, y1, x0, x1, W;
+  I y0, y1, x0, x1, W;
 
-  __device__ Footprint(int64_t sy, int64_t sx, const Dims& d)
-      : y0(footprint_begin(sy, d.hs, d.H)),
-        y1(footprint_begin(sy + 1, d.hs, d.H)),
-        x0(footprint_begin(sx, d.ws, d.W)),
-        x1(footprint_begin(sx + 1, d.ws, d.W)),
-        W(d.W) {}
+  __device__ Footprint(I sy, I sx, const Dims& d)
+      : y0(I(footprint_begin(d.ys, sy))),
+        y1(I(footprint_begin(d.ys, sy + 1))),
+        x0(I(footprint_begin(d.xs, sx))),
+        x1(I(footprint_begin(d.xs, sx + 1))),
+        W(I(d.W)) {}
 
   __device__ bool valid(int k) const { return y0 + k / K < y1 && x0 + k % K < x1; }
-  __device__ int64_t pix(int k) const { return (y0 + k / K) * W + x0 + k % K; }
+  __device__ I pix(int k) const { return (y0 + k / K) * W + x0 + k % K; }
 };
 
 // NCHW: one thread per source pixel (n, sy, sx), looping over channels. Neighbouring
 // threads take neighbouring footprints along a row, so loads coalesce.
-template <typename T, int K, bool WRITE_GRAD_PREV>
+template <typename T, typename I, int K, bool WRITE_GRAD_PREV>
 __global__ void __launch_bounds__(kThreads) merge_backward_nchw_kernel(const T* __restrict__ grad,
                                                                        const T* __restrict__ feat,
                                                                        const T* __restrict__ mask,
@@ -136,23 +140,24 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nchw_kernel(const T* 
                                                                        T* __restrict__ grad_mask,
                                                                        T* __restrict__ grad_prev, Dims d) {
   using acc_t = at::opmath_type<T>;
-  const int64_t HW = d.H * d.W, sources = d.N * d.hs * d.ws;
+  const I C = d.C, HW = d.H * d.W, hs = d.hs, ws = d.ws;
+  const int64_t sources = d.N * d.hs * d.ws;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < sources; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t sx = i % d.ws, t = i / d.ws, sy = t % d.hs, n = t / d.hs;
-    const Footprint<K> fp(sy, sx, d);
+    const I t = I(i) / ws, sx = I(i) - t * ws, n = t / hs, sy = t - n * hs;
+    const Footprint<I, K> fp(sy, sx, d);
     acc_t mask_value[K * K], mask_grad[K * K];
 #pragma unroll
     for (int k = 0; k < K * K; ++k) {
       mask_grad[k] = 0;
       mask_value[k] = (!d.mask_full && fp.valid(k)) ? acc_t(mask[n * HW + fp.pix(k)]) : acc_t(0);
     }
-    for (int64_t c = 0; c < d.C; ++c) {
-      const int64_t plane = n * d.C + c, base = plane * HW;
+    for (I c = 0; c < C; ++c) {
+      const I plane = n * C + c, base = plane * HW;
       acc_t prev_grad = 0;
 #pragma unroll
       for (int k = 0; k < K * K; ++k) {
         if (!fp.valid(k)) continue;
-        const int64_t off = base + fp.pix(k);
+        const I off = base + fp.pix(k);
         const acc_t g = acc_t(grad[off]), f = acc_t(feat[off]);
         if (d.mask_full) {
           grad_feat[off] = T(g * acc_t(mask[off]));
@@ -163,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nchw_kernel(const T* 
         }
         prev_grad += g;
       }
-      if constexpr (WRITE_GRAD_PREV) grad_prev[(plane * d.hs + sy) * d.ws + sx] = T(prev_grad);
+      if constexpr (WRITE_GRAD_PREV) grad_prev[(plane * hs + sy) * ws + sx] = T(prev_grad);
     }
     if (!d.mask_full) {
 #pragma unroll
@@ -174,43 +179,45 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nchw_kernel(const T* 
   }
 }
 
-// channels_last: a group of `group` lanes (a power of two <= 32) owns one source pixel;
+// channels_last: a group of 2^group_shift <= 32 lanes owns one source pixel;
 // lane j handles the channel packs j, j + group, ... A broadcast mask's per-pixel channel
 // sums are combined across the group with shuffles, so every lane of a warp runs the same
 // number of outer iterations.
-template <typename T, int VEC, int K, bool WRITE_GRAD_PREV>
+template <typename T, typename I, int VEC, int K, bool WRITE_GRAD_PREV>
 __global__ void __launch_bounds__(kThreads) merge_backward_nhwc_kernel(const T* __restrict__ grad,
                                                                        const T* __restrict__ feat,
                                                                        const T* __restrict__ mask,
                                                                        T* __restrict__ grad_feat,
                                                                        T* __restrict__ grad_mask,
-                                                                       T* __restrict__ grad_prev, Dims d, int group) {
+                                                                       T* __restrict__ grad_prev, Dims d, int group_shift) {
   using acc_t = at::opmath_type<T>;
   using P = Pack<T, VEC>;
-  const int64_t HW = d.H * d.W, sources = d.N * d.hs * d.ws;
+  const I C = d.C, HW = d.H * d.W, hs = d.hs, ws = d.ws;
+  const int64_t sources = d.N * d.hs * d.ws;
+  const int group = 1 << group_shift;
   const int64_t tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  const int lane = threadIdx.x % group;
-  const int64_t groups_per_grid = int64_t(gridDim.x) * blockDim.x / group;
-  const int64_t first_group_of_warp_offset = (threadIdx.x % 32) / group;
-  for (int64_t src = tid / group; src - first_group_of_warp_offset < sources; src += groups_per_grid) {
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t groups_per_grid = (int64_t(gridDim.x) * blockDim.x) >> group_shift;
+  const int64_t first_group_of_warp_offset = (threadIdx.x % 32) >> group_shift;
+  for (int64_t src = tid >> group_shift; src - first_group_of_warp_offset < sources; src += groups_per_grid) {
     const bool active = src < sources;
-    const int64_t s = active ? src : 0;
-    const int64_t sx = s % d.ws, t = s / d.ws, sy = t % d.hs, n = t / d.hs;
-    const Footprint<K> fp(sy, sx, d);
+    const I s = active ? I(src) : I(0);
+    const I t = s / ws, sx = s - t * ws, n = t / hs, sy = t - n * hs;
+    const Footprint<I, K> fp(sy, sx, d);
     acc_t mask_value[K * K], mask_grad[K * K];
 #pragma unroll
     for (int k = 0; k < K * K; ++k) {
       mask_grad[k] = 0;
       mask_value[k] = (active && !d.mask_full && fp.valid(k)) ? acc_t(mask[n * HW + fp.pix(k)]) : acc_t(0);
     }
-    for (int64_t c = int64_t(lane) * VEC; active && c < d.C; c += int64_t(group) * VEC) {
+    for (I c = I(lane) * VEC; active && c < C; c += I(group) * VEC) {
       acc_t prev_grad[VEC];
 #pragma unroll
       for (int v = 0; v < VEC; ++v) prev_grad[v] = 0;
 #pragma unroll
       for (int k = 0; k < K * K; ++k) {
         if (!fp.valid(k)) continue;
-        const int64_t off = (n * HW + fp.pix(k)) * d.C + c;
+        const I off = (n * HW + fp.pix(k)) * C + c;
         const P g = *reinterpret_cast<const P*>(grad + off);
         const P f = *reinterpret_cast<const P*>(feat + off);
         P gf;
@@ -238,7 +245,7 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nhwc_kernel(const T* 
         P gp;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) gp.v[v] = T(prev_grad[v]);
-        *reinterpret_cast<P*>(grad_prev + ((n * d.hs + sy) * d.ws + sx) * d.C + c) = gp;
+        *reinterpret_cast<P*>(grad_prev + ((n * hs + sy) * ws + sx) * C + c) = gp;
       }
     }
     if (!d.mask_full) {
@@ -253,32 +260,35 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nhwc_kernel(const T* 
 }
 
 // Second pass for long footprints: one thread per grad_prev element, in memory order.
-template <typename T, bool CHANNELS_LAST>
+template <typename T, typename I, bool CHANNELS_LAST>
 __global__ void __launch_bounds__(kThreads) gather_grad_prev_kernel(const T* __restrict__ grad,
                                                                     T* __restrict__ grad_prev, Dims d) {
   using acc_t = at::opmath_type<T>;
+  const I C = d.C, H = d.H, W = d.W, hs = d.hs, ws = d.ws;
   const int64_t total = d.N * d.C * d.hs * d.ws;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t n, c, sy, sx;
+    I n, c, sy, sx, rest;
     if constexpr (CHANNELS_LAST) {
-      c = i % d.C;
-      const int64_t pix = i / d.C;
-      sx = pix % d.ws;
-      sy = (pix / d.ws) % d.hs;
-      n = pix / (d.ws * d.hs);
+      rest = I(i) / C;
+      c = I(i) - rest * C;
+      const I row = rest / ws;
+      sx = rest - row * ws;
+      n = row / hs;
+      sy = row - n * hs;
     } else {
-      sx = i % d.ws;
-      sy = (i / d.ws) % d.hs;
-      const int64_t plane = i / (d.ws * d.hs);
-      c = plane % d.C;
-      n = plane / d.C;
+      rest = I(i) / ws;
+      sx = I(i) - rest * ws;
+      const I plane = rest / hs;
+      sy = rest - plane * hs;
+      n = plane / C;
+      c = plane - n * C;
     }
-    const int64_t y0 = footprint_begin(sy, d.hs, d.H), y1 = footprint_begin(sy + 1, d.hs, d.H);
-    const int64_t x0 = footprint_begin(sx, d.ws, d.W), x1 = footprint_begin(sx + 1, d.ws, d.W);
+    const I y0 = I(footprint_begin(d.ys, sy)), y1 = I(footprint_begin(d.ys, sy + 1));
+    const I x0 = I(footprint_begin(d.xs, sx)), x1 = I(footprint_begin(d.xs, sx + 1));
     acc_t sum = 0;
-    for (int64_t y = y0; y < y1; ++y) {
-      for (int64_t x = x0; x < x1; ++x) {
-        const int64_t off = CHANNELS_LAST ? ((n * d.H + y) * d.W + x) * d.C + c : ((n * d.C + c) * d.H + y) * d.W + x;
+    for (I y = y0; y < y1; ++y) {
+      for (I x = x0; x < x1; ++x) {
+        const I off = CHANNELS_LAST ? ((n * H + y) * W + x) * C + c : ((n * C + c) * H + y) * W + x;
         sum += acc_t(grad[off]);
       }
     }
@@ -286,7 +296,10 @@ __global__ void __launch_bounds__(kThreads) gather_grad_prev_kernel(const T* __r
   }
 }
 
-template <typename T>
+// Every tensor of the call has fewer than 2^31 elements: 32-bit index arithmetic is exact.
+bool fits_int32(const Dims& d) { return d.N * std::max<int64_t>(d.C, 1) * d.H * d.W <= INT32_MAX; }
+
+template <typename T, typename I>
 void launch_forward(T* out, const T* feat, const T* mask, const T* prev, const Dims& d, bool channels_last,
                     cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
@@ -294,24 +307,23 @@ void launch_forward(T* out, const T* feat, const T* mask, const T* prev, const D
   const bool vectorize = inner % VEC == 0 && aligned16(out) && aligned16(feat) && aligned16(mask) &&
                          (!d.has_prev || aligned16(prev));
   const int64_t numel = d.N * d.C * d.H * d.W;
-  const int vec = vectorize ? VEC : 1;
-  const unsigned int blocks = blocks_for(numel / vec);
+  const unsigned int blocks = blocks_for(numel / (vectorize ? VEC : 1));
   if (channels_last) {
-    if (vectorize) merge_forward_kernel<T, VEC, true><<<blocks, kThreads, 0, stream>>>(out, feat, mask, prev, d);
-    else merge_forward_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(out, feat, mask, prev, d);
+    if (vectorize) merge_forward_kernel<T, I, VEC, true><<<blocks, kThreads, 0, stream>>>(out, feat, mask, prev, d);
+    else merge_forward_kernel<T, I, 1, true><<<blocks, kThreads, 0, stream>>>(out, feat, mask, prev, d);
   } else {
-    if (vectorize) merge_forward_kernel<T, VEC, false><<<blocks, kThreads, 0, stream>>>(out, feat, mask, prev, d);
-    else merge_forward_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(out, feat, mask, prev, d);
+    if (vectorize) merge_forward_kernel<T, I, VEC, false><<<blocks, kThreads, 0, stream>>>(out, feat, mask, prev, d);
+    else merge_forward_kernel<T, I, 1, false><<<blocks, kThreads, 0, stream>>>(out, feat, mask, prev, d);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int K, bool WRITE_GRAD_PREV>
+template <typename T, typename I, int K, bool WRITE_GRAD_PREV>
 void launch_backward_fused(const T* grad, const T* feat, const T* mask, T* gfeat, T* gmask, T* gprev, const Dims& d,
                            bool channels_last, cudaStream_t stream) {
   const int64_t sources = d.N * d.hs * d.ws;
   if (!channels_last) {
-    merge_backward_nchw_kernel<T, K, WRITE_GRAD_PREV>
+    merge_backward_nchw_kernel<T, I, K, WRITE_GRAD_PREV>
         <<<blocks_for(sources), kThreads, 0, stream>>>(grad, feat, mask, gfeat, gmask, gprev, d);
   } else {
     constexpr int VEC = 16 / sizeof(T);
@@ -319,40 +331,42 @@ void launch_backward_fused(const T* grad, const T* feat, const T* mask, T* gfeat
                            aligned16(gfeat) && aligned16(gmask) && (!WRITE_GRAD_PREV || aligned16(gprev));
     const int vec = vectorize ? VEC : 1;
     const int64_t packs = (d.C + vec - 1) / vec;
-    int group = 1;
-    while (group < 32 && group < packs) group *= 2;
-    const unsigned int blocks = blocks_for(sources * group);
+    int group_shift = 0;
+    while (group_shift < 5 && (int64_t(1) << group_shift) < packs) ++group_shift;
+    const unsigned int blocks = blocks_for(sources << group_shift);
     if (vectorize) {
-      merge_backward_nhwc_kernel<T, VEC, K, WRITE_GRAD_PREV>
-          <<<blocks, kThreads, 0, stream>>>(grad, feat, mask, gfeat, gmask, gprev, d, group);
+      merge_backward_nhwc_kernel<T, I, VEC, K, WRITE_GRAD_PREV>
+          <<<blocks, kThreads, 0, stream>>>(grad, feat, mask, gfeat, gmask, gprev, d, group_shift);
     } else {
-      merge_backward_nhwc_kernel<T, 1, K, WRITE_GRAD_PREV>
-          <<<blocks, kThreads, 0, stream>>>(grad, feat, mask, gfeat, gmask, gprev, d, group);
+      merge_backward_nhwc_kernel<T, I, 1, K, WRITE_GRAD_PREV>
+          <<<blocks, kThreads, 0, stream>>>(grad, feat, mask, gfeat, gmask, gprev, d, group_shift);
     }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
+template <typename T, typename I>
 void launch_backward(const T* grad, const T* feat, const T* mask, T* gfeat, T* gmask, T* gprev, const Dims& d,
                      bool channels_last, cudaStream_t stream) {
   if (!d.has_prev) {
-    launch_backward_fused<T, 1, false>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, stream);
+    launch_backward_fused<T, I, 1, false>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, stream);
     return;
   }
   const int64_t longest = std::max(max_footprint(d.hs, d.H), max_footprint(d.ws, d.W));
   if (longest <= 2) {
-    launch_backward_fused<T, 2, true>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, stream);
+    launch_backward_fused<T, I, 2, true>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, stream);
   } else if (longest <= kMaxFootprint) {
-    launch_backward_fused<T, kMaxFootprint, true>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, stream);
+    launch_backward_fused<T, I, kMaxFootprint, true>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, stream);
   } else {
-    Dims per_pixel = d;
+    Dims per_pixel = d;  // every output pixel its own footprint: grad_feat and grad_mask only
     per_pixel.hs = d.H;
     per_pixel.ws = d.W;
-    launch_backward_fused<T, 1, false>(grad, feat, mask, gfeat, gmask, gprev, per_pixel, channels_last, stream);
+    per_pixel.ys = make_nearest_axis(d.H, d.H);
+    per_pixel.xs = make_nearest_axis(d.W, d.W);
+    launch_backward_fused<T, I, 1, false>(grad, feat, mask, gfeat, gmask, gprev, per_pixel, channels_last, stream);
     const unsigned int blocks = blocks_for(d.N * d.C * d.hs * d.ws);
-    if (channels_last) gather_grad_prev_kernel<T, true><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
-    else gather_grad_prev_kernel<T, false><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
+    if (channels_last) gather_grad_prev_kernel<T, I, true><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
+    else gather_grad_prev_kernel<T, I, false><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -376,9 +390,9 @@ at::Tensor topdown_merge_cuda(const at::Tensor& feat_in, const at::Tensor& mask_
   d.ys = make_nearest_axis(d.hs, d.H), d.xs = make_nearest_axis(d.ws, d.W);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "topdown_merge_cuda", [&] {
-    launch_forward<scalar_t>(out.mutable_data_ptr<scalar_t>(), feat.const_data_ptr<scalar_t>(),
-                             mask.const_data_ptr<scalar_t>(), has_prev ? prev.const_data_ptr<scalar_t>() : nullptr, d,
-                             fmt == at::MemoryFormat::ChannelsLast, stream);
+    auto launch = fits_int32(d) ? launch_forward<scalar_t, int32_t> : launch_forward<scalar_t, int64_t>;
+    launch(out.mutable_data_ptr<scalar_t>(), feat.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(),
+           has_prev ? prev.const_data_ptr<scalar_t>() : nullptr, d, fmt == at::MemoryFormat::ChannelsLast, stream);
   });
   return out;
 }
@@ -416,11 +430,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cuda(const
   d.ys = make_nearest_axis(d.hs, d.H), d.xs = make_nearest_axis(d.ws, d.W);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "topdown_merge_backward_cuda", [&] {
-    launch_backward<scalar_t>(grad.const_data_ptr<scalar_t>(), feat.const_data_ptr<scalar_t>(),
-                              mask.const_data_ptr<scalar_t>(), gfeat.mutable_data_ptr<scalar_t>(),
-                              gmask.mutable_data_ptr<scalar_t>(),
-                              has_prev ? gprev.mutable_data_ptr<scalar_t>() : nullptr, d,
-                              fmt == at::MemoryFormat::ChannelsLast, stream);
+    auto launch = fits_int32(d) ? launch_backward<scalar_t, int32_t> : launch_backward<scalar_t, int64_t>;
+    launch(grad.const_data_ptr<scalar_t>(), feat.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(),
+           gfeat.mutable_data_ptr<scalar_t>(), gmask.mutable_data_ptr<scalar_t>(),
+           has_prev ? gprev.mutable_data_ptr<scalar_t>() : nullptr, d, fmt == at::MemoryFormat::ChannelsLast, stream);
   });
   return {gfeat, gmask, gprev};
 }
