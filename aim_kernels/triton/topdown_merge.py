@@ -219,6 +219,14 @@ class LaunchPlan:
     num_warps: int
 
     def run(self):
+        device = self.args[0].device
+        if device.type == "cuda":  # Triton launches on the current device; make it the tensors' one
+            with torch.cuda.device(device):
+                self._launch()
+        else:
+            self._launch()
+
+    def _launch(self):
         self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, enable_fp_fusion=False)
 
 
