@@ -9,6 +9,7 @@ AIM_KERNELS_EXPECT_CUDA=1 (set by CI, whose `pip install .` must build csrc/cuda
 build without CUDA kernels into a failure; on a CPU-only dev build the check is skipped.
 """
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -53,6 +54,45 @@ def test_cuda_kernels_built_when_expected():
     for op in OPS:
         registered = [line for line in cuda_entries(op) if "csrc/cuda/topdown_merge.cu" in line]
         assert registered, f"aim_kernels::{op} has no CUDA kernel from csrc/cuda: {cuda_entries(op)}"
+
+
+def _cuda_kernel_resources():
+    from aim_kernels import _C
+    from aim_kernels.triton import aot
+
+    if aot.cuobjdump() is None:
+        pytest.skip("cuobjdump not found")
+    return _C.__file__, aot.cuobjdump(), aot.resource_usage(_C.__file__)
+
+
+def _demangle(symbols):
+    if shutil.which("c++filt") is None:
+        pytest.skip("c++filt not found")
+    return subprocess.run(["c++filt"], input="\n".join(symbols), capture_output=True, text=True).stdout.splitlines()
+
+
+@pytest.mark.skipif(not BUILT_WITH_CUDA or not HAS_TRITON, reason="needs _C built with CUDA (and triton's cuobjdump)")
+def test_cuda_kernels_registers_and_spills():
+    # 32-bit index paths (every tensor < 2^31 elements: all realistic calls) must not spill.
+    # The 64-bit fallbacks call ptxas's 64-bit division subroutine; a few of them keep 8 bytes
+    # of saved registers on the stack around that call, which is all they may use.
+    _, _, rows = _cuda_kernel_resources()
+    assert {arch for _, arch, _, _ in rows} == {80, 90}
+    names = _demangle([symbol for symbol, _, _, _ in rows])
+    for (symbol, arch, registers, spill), name in zip(rows, names):
+        wide_index = ", long," in name or ", long>" in name
+        assert spill <= (8 if wide_index else 0), f"sm_{arch} {name}: {spill} bytes spilled, {registers} registers"
+
+
+@pytest.mark.skipif(not BUILT_WITH_CUDA or not HAS_TRITON, reason="needs _C built with CUDA (and triton's cuobjdump)")
+def test_cuda_float32_forward_has_no_fused_multiply_add():
+    # Bit-identity with the reference's separate multiply and add needs FMUL then FADD in SASS.
+    library, tool, rows = _cuda_kernel_resources()
+    forward = sorted({symbol for symbol, _, _, _ in rows if "merge_forward_kernelIf" in symbol})
+    assert len(forward) == 8  # int32/int64 index x scalar/vector x NCHW/channels_last
+    for symbol in forward:
+        sass = subprocess.run([tool, "-sass", "-fun", symbol, library], check=True, capture_output=True, text=True).stdout
+        assert "FMUL" in sass and "FADD" in sass and "FFMA" not in sass, symbol
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

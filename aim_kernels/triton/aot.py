@@ -4,8 +4,8 @@ A launcher's LaunchPlan holds the exact arguments it would launch with; `special
 them into the signature, constants and divisibility attributes Triton's JIT would derive
 (integers equal to 1 become constants, pointers and integers divisible by 16 get the
 divisibility attribute), so the AOT compile is the compile the GPU would run.
-Register use and spills come from the cubin via cuobjdump (LOCAL bytes: what Triton
-reports as n_spills when it loads a kernel on a GPU).
+Register use and spills come from the cubin via cuobjdump (local memory and stack bytes per
+thread: what Triton reads as n_spills when it loads a kernel on a GPU).
 """
 import dataclasses
 import os
@@ -53,21 +53,38 @@ def specialize(plan):
     return signature, constexprs, attrs
 
 
-def _cuobjdump():
+def cuobjdump():
+    """cuobjdump from triton's bundled CUDA tools, else from PATH (None if neither)."""
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
 
 
+def resource_usage(path):
+    """[(function symbol, arch, registers, spill bytes)] of every kernel in a cubin or shared
+    library, from cuobjdump --dump-resource-usage. Spill bytes are STACK + LOCAL: ptxas puts
+    plain spills in local memory and the registers it saves around a called subroutine (e.g.
+    64-bit division) in the stack frame."""
+    text = subprocess.run([cuobjdump(), "--dump-resource-usage", path], check=True, capture_output=True, text=True).stdout
+    rows, arch = [], None
+    for line in text.splitlines():
+        m = re.match(r"\s*arch = sm_(\d+)", line)
+        if m:
+            arch = int(m.group(1))
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            symbol = m.group(1)
+        m = re.match(r"\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", line)
+        if m:
+            rows.append((symbol, arch, int(m.group(1)), int(m.group(2)) + int(m.group(3))))
+    return rows
+
+
 def cubin_resources(cubin):
-    """{function name: (registers, local bytes)} from cuobjdump --dump-resource-usage."""
+    """{function name: (registers, spill bytes)} of a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], check=True, capture_output=True, text=True).stdout
-    usage = {}
-    for name, regs, local in re.findall(r"Function (\S+):\s*\n\s*REG:(\d+).*?LOCAL:(\d+)", text):
-        usage[name] = (int(regs), int(local))
-    return usage
+        return {symbol: (regs, spill) for symbol, _, regs, spill in resource_usage(f.name)}
 
 
 def compile_plan(plan, arch):
