@@ -27,7 +27,7 @@ def backends():
 
     if not _extension.EXT_LOADED:
         report["cuda"] = _status(False, _extension.EXT_ERROR)
-    elif not has_backend_kernel(op, "CUDA"):
+    elif not _extension.ext_has_cuda():  # not the dispatch table: Triton may hold the CUDA key
         report["cuda"] = _status(False, "aim_kernels._C was built without CUDA kernels (torch without CUDA, or nvcc not found, or AIM_KERNELS_CUDA=0)")
     else:
         report["cuda"] = _status(torch.cuda.is_available(), "CUDA kernels are built, but no CUDA device is available")
