@@ -90,8 +90,7 @@ def cubin_resources(cubin):
 def compile_plan(plan, arch):
     signature, constexprs, attrs = specialize(plan)
     src = ASTSource(fn=plan.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": plan.num_warps, "enable_fp_fusion": False})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=plan.options())
     (registers, spill), = cubin_resources(compiled.asm["cubin"]).values()
     return KernelResources(plan.kernel.__name__, arch, registers, spill, compiled.metadata.shared, compiled.asm["ptx"])
 
@@ -140,4 +139,4 @@ def plan_key(plan):
     """Plans with the same key compile to the same binary."""
     signature, constexprs, attrs = specialize(plan)
     constants = tuple(sorted((k, str(v)) for k, v in constexprs.items()))
-    return plan.kernel.__name__, tuple(signature.items()), constants, tuple(sorted(attrs)), plan.num_warps
+    return plan.kernel.__name__, tuple(signature.items()), constants, tuple(sorted(attrs)), tuple(sorted(plan.options().items()))

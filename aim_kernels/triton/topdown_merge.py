@@ -32,9 +32,12 @@ from aim_kernels._library import memory_format_of
 from aim_kernels.topdown_merge import validate
 
 # Backward tiles hold three inputs and their 64-bit addresses per element: 8 warps keep that
-# near 100 registers per thread (4 warps needed up to ~220, i.e. 2 blocks per SM).
+# near 100 registers per thread (4 warps needed up to ~220, i.e. 2 blocks per SM). Left to
+# itself ptxas squeezed one sm_90 tile into 80 registers and spilled; a 128 cap lets it use
+# what it needs (up to ~116) without spilling, still 2 blocks of 8 warps per SM.
 FORWARD_NUM_WARPS = 4
 BACKWARD_NUM_WARPS = 8
+BACKWARD_MAX_REGISTERS = 128
 MAX_FOOTPRINT_SLOTS = 16  # footprint positions per tile; longer footprints loop over tiles
 
 # (BLOCK_P, BLOCK_C) tiles of 1024 elements the forward launcher picks from, by layout.
@@ -217,6 +220,7 @@ class LaunchPlan:
     args: list  # positional runtime arguments, in kernel order
     constexprs: dict
     num_warps: int
+    max_registers: int = None  # ptxas .maxnreg; None: ptxas decides
 
     def run(self):
         device = self.args[0].device
@@ -227,7 +231,14 @@ class LaunchPlan:
             self._launch()
 
     def _launch(self):
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, enable_fp_fusion=False)
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options())
+
+    def options(self):
+        """Compile options, the same for the JIT launch and for AOT compilation."""
+        options = {"num_warps": self.num_warps, "enable_fp_fusion": False}
+        if self.max_registers is not None:
+            options["maxnreg"] = self.max_registers
+        return options
 
 
 def plan_forward(feat, mask, prev):
@@ -289,7 +300,8 @@ def plan_backward(grad_out, feat, mask, prev_size):
             *_strides(feat, fmt), *_strides(mask, fmt), *prev_strides, source_blocks]
     constexprs = dict(HAS_PREV=has_prev, MASK_FULL=mask_full, ACC=_acc_dtype(feat.dtype),
                       BLOCK_S=block_s, BLOCK_K=block_k, BLOCK_C=block_c)
-    plan = LaunchPlan(_merge_backward_kernel, (n * source_blocks,), args, constexprs, BACKWARD_NUM_WARPS)
+    plan = LaunchPlan(_merge_backward_kernel, (n * source_blocks,), args, constexprs, BACKWARD_NUM_WARPS,
+                      BACKWARD_MAX_REGISTERS)
     return plan, grad_feat, grad_mask, grad_prev, prev_accumulator
 
 
