@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import aim_kernels
-from aim_kernels import _cuda_backend, _extension, reference
+from aim_kernels import _cuda_backend, _extension
+from merge_checks import check_backward, check_forward
 
 OPS = ("topdown_merge", "topdown_merge_backward")
 HAS_TRITON = _cuda_backend.unavailable_reason("triton") is None
@@ -163,21 +164,8 @@ def test_another_op_plugs_into_the_backend_table():
 
 # ---- on a GPU -------------------------------------------------------------------------------
 
-# Same reasons as tests/test_topdown_merge_triton.py: forward and single products exact in
-# float32/float64, one output rounding for half types; reductions in another order.
-FORWARD_TOLERANCE = {torch.float64: (0.0, 0.0), torch.float32: (0.0, 0.0),
-                     torch.float16: (2**-10, 2**-10), torch.bfloat16: (2**-7, 2**-7)}
-REDUCTION_TOLERANCE = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5),
-                       torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
 GPU_SHAPES = [(2, 5, 7, 9, None), (2, 8, 8, 12, (4, 6)), (2, 5, 7, 9, (3, 4)), (1, 3, 9, 9, (3, 3)),
               (2, 3, 17, 19, (2, 3)), (2, 256, 14, 14, (7, 7))]
-
-
-def _close(actual, expected, tolerance):
-    if tolerance == (0.0, 0.0):
-        assert torch.equal(actual, expected), (actual - expected).abs().max()
-    else:
-        torch.testing.assert_close(actual, expected, rtol=tolerance[0], atol=tolerance[1])
 
 
 @needs_gpu
@@ -186,26 +174,22 @@ def _close(actual, expected, tolerance):
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 @pytest.mark.parametrize("mask_c", ["1", "C"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", list(FORWARD_TOLERANCE), ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 def test_gpu_matches_reference(restore_cuda_backend, backend, shape, mask_c, fmt, dtype):
     if _cuda_backend.unavailable_reason(backend):
         pytest.skip(_cuda_backend.unavailable_reason(backend))
     aim_kernels.set_cuda_backend(backend)
     n, c, h, w, prev_hw = shape
+    torch.manual_seed(0)
     make = lambda *s: torch.randn(*s, device="cuda", dtype=dtype).contiguous(memory_format=fmt)  # noqa: E731
     feat, mask = make(n, c, h, w), make(n, c if mask_c == "C" else 1, h, w)
     prev = None if prev_hw is None else make(n, c, *prev_hw)
     out = aim_kernels.topdown_merge(feat, mask, prev)
-    _close(out, reference.topdown_merge(feat, mask, prev), FORWARD_TOLERANCE[dtype])
+    check_forward(out, feat, mask, prev)
     assert out.stride() == torch.empty_like(feat, memory_format=aim_kernels._library.memory_format_of(feat)).stride()
     grad = torch.randn_like(out)
     prev_size = [] if prev is None else list(prev_hw)
-    got = torch.ops.aim_kernels.topdown_merge_backward(grad, feat, mask, prev_size)
-    want = reference.topdown_merge_backward(grad, feat, mask, prev_size)
-    _close(got[0], want[0], FORWARD_TOLERANCE[dtype])
-    _close(got[1], want[1], (FORWARD_TOLERANCE if mask_c == "C" and c > 1 else REDUCTION_TOLERANCE)[dtype])
-    if prev is not None:
-        _close(got[2], want[2], REDUCTION_TOLERANCE[dtype])
+    check_backward(torch.ops.aim_kernels.topdown_merge_backward(grad, feat, mask, prev_size), grad, feat, mask, prev_size)
 
 
 @needs_gpu

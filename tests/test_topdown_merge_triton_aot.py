@@ -11,6 +11,7 @@ import collections
 import concurrent.futures
 import multiprocessing
 import os
+import re
 
 import pytest
 
@@ -25,7 +26,10 @@ _PLANS = None  # set in the parent before the pool forks; workers compile by ind
 def _compile(job):
     index, arch = job
     r = aot.compile_plan(_PLANS[index][1], arch)
-    return r.registers, r.spill_bytes, "fma.rn.f32" in r.ptx
+    # bfloat16 results must round to nearest even (the interpreter truncates; see merge_checks):
+    # conversions (or the bf16 arithmetic LLVM folds them into) carry .rn, never .rz.
+    rounds_bfloat16 = ".rn.bf16" in r.ptx and not re.search(r"\.rz[\w.]*bf16", r.ptx)
+    return r.registers, r.spill_bytes, "fma.rn.f32" in r.ptx, rounds_bfloat16
 
 
 def _unique_plans(dtypes):
@@ -67,11 +71,13 @@ def test_plans_cover_every_configuration_the_launchers_can_pick():
 
 
 def _check(results):
-    spilled = [(label, arch, regs, spill) for label, arch, regs, spill, _ in results if spill]
+    spilled = [(label, arch, regs, spill) for label, arch, regs, spill, _, _ in results if spill]
     assert not spilled, f"register spills: {spilled}"
     # fp32 outputs are promised bit-identical to the reference: no fused multiply-add.
-    fused = [(label, arch) for label, arch, _, _, fma in results if fma and "float32" in label and label.startswith("forward")]
+    fused = [(label, arch) for label, arch, _, _, fma, _ in results if fma and "float32" in label and label.startswith("forward")]
     assert not fused, f"forward kernels with fma.rn.f32: {fused}"
+    truncating = [(label, arch) for label, arch, _, _, _, rn in results if "bfloat16" in label and not rn]
+    assert not truncating, f"bfloat16 kernels without round-to-nearest conversion: {truncating}"
 
 
 def test_aot_compile_sm80_sm90_float32_bfloat16():
