@@ -14,6 +14,9 @@ from aim_kernels.gumbel_binarize import gumbel_binarize
 from aim_kernels.losses import mask_loss
 from aim_kernels import _extension  # noqa: E402  (after the schemas: _C adds kernels to them)
 from aim_kernels._backends import backends
+from aim_kernels._cuda_backend import get_cuda_backend, set_cuda_backend, select_at_import as _select_cuda_backend
 from aim_kernels import reference
 
-__all__ = ["topdown_merge", "gumbel_binarize", "mask_loss", "backends", "reference"]
+_select_cuda_backend()  # after every op module has declared its Triton launchers
+
+__all__ = ["topdown_merge", "gumbel_binarize", "mask_loss", "backends", "get_cuda_backend", "set_cuda_backend", "reference"]

@@ -35,6 +35,6 @@ def ext_has_cuda():
     """True when _C was compiled with the CUDA kernels (independent of a GPU being present)."""
     if not EXT_LOADED:
         return False
-    import torch
+    from aim_kernels import _C
 
-    return bool(torch.ops.aim_kernels._built_with_cuda())
+    return bool(_C.WITH_CUDA)

@@ -4,6 +4,7 @@ import torch
 
 from aim_kernels import reference
 from aim_kernels._checks import check_positive_finite, check_tensor
+from aim_kernels._cuda_backend import register_triton_impl
 from aim_kernels._library import define, memory_format_of
 
 # seed: 0-d int64 tensor on logits' device (None in evaluation). A tensor, not an int, so
@@ -18,6 +19,8 @@ _backward = define(
     " SymInt offset) -> Tensor",
     reference.gumbel_binarize_backward,
 )
+register_triton_impl("gumbel_binarize", "aim_kernels.triton.gumbel_binarize", "gumbel_binarize")
+register_triton_impl("gumbel_binarize_backward", "aim_kernels.triton.gumbel_binarize", "gumbel_binarize_backward")
 
 _INT64_MIN, _UINT64_END = -(2**63), 2**64
 

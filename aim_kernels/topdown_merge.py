@@ -3,6 +3,7 @@ import torch
 
 from aim_kernels import reference
 from aim_kernels._checks import check_same_dtype_device, check_tensor
+from aim_kernels._cuda_backend import register_triton_impl
 from aim_kernels._library import define, memory_format_of
 
 _forward = define("topdown_merge(Tensor feat, Tensor mask, Tensor? prev) -> Tensor", reference.topdown_merge)
@@ -12,6 +13,8 @@ _backward = define(
     " -> (Tensor grad_feat, Tensor grad_mask, Tensor grad_prev)",
     reference.topdown_merge_backward,
 )
+register_triton_impl("topdown_merge", "aim_kernels.triton.topdown_merge", "topdown_merge")
+register_triton_impl("topdown_merge_backward", "aim_kernels.triton.topdown_merge", "topdown_merge_backward")
 
 
 def topdown_merge(feat, mask, prev=None):

@@ -1,15 +1,10 @@
-"""Tolerances for comparing an op's output in `dtype` with the float64 reference on the same
-(dtype-rounded) inputs, and why each is what it is.
+"""Tolerances for an elementwise result that a kernel computes in float32 (float64 for
+float64) and rounds once to `dtype`, compared with the reference computed by other
+(equally valid) float operations on the same inputs: each side is within about one unit in
+the last place (ulp) of the exact value, so rtol is a few machine epsilons of `dtype`; atol
+covers results near zero, where relative error says nothing.
 
-The kernels compute in float32 (float64 for float64) and round the result once to `dtype`,
-so an output may sit one unit in the last place (ulp) of `dtype` from the correctly rounded
-float64 value: rtol = machine epsilon of the dtype. atol covers cancellation: a sum of O(1)
-terms whose exact value is near zero carries the rounding error of its terms, not of itself;
-for the float32 reductions (grad_mask over up to a few hundred channels, grad_prev over
-footprints) that is a few hundred float32 roundings of O(1) terms.
-
-Forward values in float32/float64 are not compared with a tolerance at all: they must be
-bit-identical to the reference in the same dtype (one multiply, one add, no FMA).
+(topdown_merge's comparisons are derived from its rounding analysis in merge_checks.py.)
 """
 import torch
 
@@ -20,9 +15,3 @@ TOLERANCE = {
     torch.bfloat16: dict(rtol=7.9e-3, atol=1.6e-2),  # eps = 2**-7
 }
 
-
-def assert_close_to_float64(actual, expected64, dtype=None):
-    """actual (in its dtype) against a float64 oracle, with the dtype's tolerance; prints where
-    they differ on failure (torch.testing does)."""
-    dtype = dtype or actual.dtype
-    torch.testing.assert_close(actual.double(), expected64.double(), **TOLERANCE[dtype])

@@ -1,0 +1,448 @@
+// topdown_merge on CUDA: out = feat * mask + nearest_upsample(prev), and its backward.
+//
+// Forward: one thread per pack of VEC consecutive output elements in memory order; each
+// input is read once and the output written once. Packs are 16 bytes (128-bit loads and
+// stores) whenever the innermost extent (H*W for NCHW, C for channels_last) is a multiple
+// of VEC and every pointer is 16-byte aligned, so a pack never straddles a plane or pixel.
+//
+// Backward: one thread (NCHW) or one group of lanes (channels_last) owns a source pixel of
+// prev and every output pixel in its footprint, across all channels. grad_prev is then a
+// register sum over the footprint (gather: no atomics, fixed order), and a broadcast mask's
+// grad_mask is summed over channels in registers in the same pass that writes grad_feat.
+// Footprints longer than kMaxFootprint along an axis (ratios above 4) take two passes:
+// grad_feat/grad_mask per output pixel, then a gather of grad_prev that reads grad_out again.
+//
+// Index arithmetic runs in I = int32_t when every tensor has fewer than 2^31 elements and in
+// int64_t otherwise: 64-bit integer division is a called subroutine on the GPU, and its calls
+// cost registers (ptxas reported small spills with int64 decoding everywhere).
+//
+// fp32 results match ATen bit for bit: the multiply and the add round separately
+// (nvcc runs with --fmad=false), as in the reference's two eager kernels.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+
+#include "../index_rules.h"
+#include "../topdown_merge.h"
+
+namespace aim_kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxFootprint = 4;
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Sizes of one call. (hs, ws) is the source grid of the backward gather; it is (H, W)
+// itself when there is no prev (each output pixel is its own footprint).
+struct Dims {
+  int64_t N, C, H, W, hs, ws;
+  bool mask_full, has_prev;
+  NearestAxis ys, xs;
+};
+
+unsigned int blocks_for(int64_t threads) {
+  return static_cast<unsigned int>(std::clamp<int64_t>((threads + kThreads - 1) / kThreads, 1, INT_MAX));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T, typename I, int VEC, bool CHANNELS_LAST>
+__global__ void __launch_bounds__(kThreads) merge_forward_kernel(T* __restrict__ out, const T* __restrict__ feat,
+                                                                 const T* __restrict__ mask,
+                                                                 const T* __restrict__ prev, Dims d) {
+  using acc_t = at::opmath_type<T>;
+  using P = Pack<T, VEC>;
+  const I C = d.C, H = d.H, W = d.W, hs = d.hs, ws = d.ws, HW = H * W;
+  const int64_t packs = d.N * d.C * d.H * d.W / VEC;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < packs; i += int64_t(gridDim.x) * blockDim.x) {
+    const I e = I(i) * VEC;
+    const P f = *reinterpret_cast<const P*>(feat + e);
+    P o;
+    if constexpr (!CHANNELS_LAST) {
+      const I plane = e / HW, hw = e - plane * HW, n = plane / C;
+      I y = hw / W, x = hw - y * W;
+      const P m = *reinterpret_cast<const P*>(mask + (d.mask_full ? e : n * HW + hw));
+      const T* prev_plane = d.has_prev ? prev + plane * hs * ws : nullptr;
+      I sy = d.has_prev ? I(source_index(d.ys, y)) : I(0);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        acc_t v = acc_t(f.v[k]) * acc_t(m.v[k]);
+        if (d.has_prev) v = v + acc_t(prev_plane[sy * ws + I(source_index(d.xs, x))]);
+        o.v[k] = T(v);
+        if (++x == W && k + 1 < VEC) {
+          x = 0;
+          ++y;
+          if (d.has_prev) sy = I(source_index(d.ys, y));
+        }
+      }
+    } else {
+      const I pix = e / C, c = e - pix * C;
+      const I ny = pix / W, x = pix - ny * W, n = ny / H, y = ny - n * H;
+      P m;
+      if (d.mask_full) {
+        m = *reinterpret_cast<const P*>(mask + e);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) m.v[k] = mask[pix];
+      }
+      P p;
+      if (d.has_prev) {
+        const I src_pix = (n * hs + I(source_index(d.ys, y))) * ws + I(source_index(d.xs, x));
+        p = *reinterpret_cast<const P*>(prev + src_pix * C + c);
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        acc_t v = acc_t(f.v[k]) * acc_t(m.v[k]);
+        if (d.has_prev) v = v + acc_t(p.v[k]);
+        o.v[k] = T(v);
+      }
+    }
+    *reinterpret_cast<P*>(out + e) = o;
+  }
+}
+
+// The footprint of source pixel (sy, sx), walked as K x K unrolled slots; slots past the
+// footprint's end are invalid. Only the four bounds live in registers: a slot's pixel
+// index (within one H x W plane) is recomputed where it is used.
+template <typename I, int K>
+struct Footprint {
+  I y0, y1, x0, x1, W;
+
+  __device__ Footprint(I sy, I sx, const Dims& d)
+      : y0(I(footprint_begin(d.ys, sy))),
+        y1(I(footprint_begin(d.ys, sy + 1))),
+        x0(I(footprint_begin(d.xs, sx))),
+        x1(I(footprint_begin(d.xs, sx + 1))),
+        W(I(d.W)) {}
+
+  __device__ bool valid(int k) const { return y0 + k / K < y1 && x0 + k % K < x1; }
+  __device__ I pix(int k) const { return (y0 + k / K) * W + x0 + k % K; }
+};
+
+// NCHW: one thread per source pixel (n, sy, sx), looping over channels. Neighbouring
+// threads take neighbouring footprints along a row, so loads coalesce.
+template <typename T, typename I, int K, bool WRITE_GRAD_PREV>
+__global__ void __launch_bounds__(kThreads) merge_backward_nchw_kernel(const T* __restrict__ grad,
+                                                                       const T* __restrict__ feat,
+                                                                       const T* __restrict__ mask,
+                                                                       T* __restrict__ grad_feat,
+                                                                       T* __restrict__ grad_mask,
+                                                                       T* __restrict__ grad_prev, Dims d) {
+  using acc_t = at::opmath_type<T>;
+  const I C = d.C, HW = d.H * d.W, hs = d.hs, ws = d.ws;
+  const int64_t sources = d.N * d.hs * d.ws;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < sources; i += int64_t(gridDim.x) * blockDim.x) {
+    const I t = I(i) / ws, sx = I(i) - t * ws, n = t / hs, sy = t - n * hs;
+    const Footprint<I, K> fp(sy, sx, d);
+    acc_t mask_value[K * K], mask_grad[K * K];
+#pragma unroll
+    for (int k = 0; k < K * K; ++k) {
+      mask_grad[k] = 0;
+      mask_value[k] = (!d.mask_full && fp.valid(k)) ? acc_t(mask[n * HW + fp.pix(k)]) : acc_t(0);
+    }
+    for (I c = 0; c < C; ++c) {
+      const I plane = n * C + c, base = plane * HW;
+      acc_t prev_grad = 0;
+#pragma unroll
+      for (int k = 0; k < K * K; ++k) {
+        if (!fp.valid(k)) continue;
+        const I off = base + fp.pix(k);
+        const acc_t g = acc_t(grad[off]), f = acc_t(feat[off]);
+        if (d.mask_full) {
+          grad_feat[off] = T(g * acc_t(mask[off]));
+          grad_mask[off] = T(g * f);
+        } else {
+          grad_feat[off] = T(g * mask_value[k]);
+          mask_grad[k] += g * f;
+        }
+        prev_grad += g;
+      }
+      if constexpr (WRITE_GRAD_PREV) grad_prev[(plane * hs + sy) * ws + sx] = T(prev_grad);
+    }
+    if (!d.mask_full) {
+#pragma unroll
+      for (int k = 0; k < K * K; ++k) {
+        if (fp.valid(k)) grad_mask[n * HW + fp.pix(k)] = T(mask_grad[k]);
+      }
+    }
+  }
+}
+
+// channels_last: a group of 2^group_shift <= 32 lanes owns one source pixel;
+// lane j handles the channel packs j, j + group, ... A broadcast mask's per-pixel channel
+// sums are combined across the group with shuffles, so every lane of a warp runs the same
+// number of outer iterations.
+template <typename T, typename I, int VEC, int K, bool WRITE_GRAD_PREV>
+__global__ void __launch_bounds__(kThreads) merge_backward_nhwc_kernel(const T* __restrict__ grad,
+                                                                       const T* __restrict__ feat,
+                                                                       const T* __restrict__ mask,
+                                                                       T* __restrict__ grad_feat,
+                                                                       T* __restrict__ grad_mask,
+                                                                       T* __restrict__ grad_prev, Dims d, int group_shift) {
+  using acc_t = at::opmath_type<T>;
+  using P = Pack<T, VEC>;
+  const I C = d.C, HW = d.H * d.W, hs = d.hs, ws = d.ws;
+  const int64_t sources = d.N * d.hs * d.ws;
+  const int group = 1 << group_shift;
+  const int64_t tid = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int lane = threadIdx.x & (group - 1);
+  const int64_t groups_per_grid = (int64_t(gridDim.x) * blockDim.x) >> group_shift;
+  const int64_t first_group_of_warp_offset = (threadIdx.x % 32) >> group_shift;
+  for (int64_t src = tid >> group_shift; src - first_group_of_warp_offset < sources; src += groups_per_grid) {
+    const bool active = src < sources;
+    const I s = active ? I(src) : I(0);
+    const I t = s / ws, sx = s - t * ws, n = t / hs, sy = t - n * hs;
+    const Footprint<I, K> fp(sy, sx, d);
+    acc_t mask_value[K * K], mask_grad[K * K];
+#pragma unroll
+    for (int k = 0; k < K * K; ++k) {
+      mask_grad[k] = 0;
+      mask_value[k] = (active && !d.mask_full && fp.valid(k)) ? acc_t(mask[n * HW + fp.pix(k)]) : acc_t(0);
+    }
+    for (I c = I(lane) * VEC; active && c < C; c += I(group) * VEC) {
+      acc_t prev_grad[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) prev_grad[v] = 0;
+#pragma unroll
+      for (int k = 0; k < K * K; ++k) {
+        if (!fp.valid(k)) continue;
+        const I off = (n * HW + fp.pix(k)) * C + c;
+        const P g = *reinterpret_cast<const P*>(grad + off);
+        const P f = *reinterpret_cast<const P*>(feat + off);
+        P gf;
+        if (d.mask_full) {
+          const P m = *reinterpret_cast<const P*>(mask + off);
+          P gm;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            gf.v[v] = T(acc_t(g.v[v]) * acc_t(m.v[v]));
+            gm.v[v] = T(acc_t(g.v[v]) * acc_t(f.v[v]));
+          }
+          *reinterpret_cast<P*>(grad_mask + off) = gm;
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) {
+            gf.v[v] = T(acc_t(g.v[v]) * mask_value[k]);
+            mask_grad[k] += acc_t(g.v[v]) * acc_t(f.v[v]);
+          }
+        }
+        *reinterpret_cast<P*>(grad_feat + off) = gf;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) prev_grad[v] += acc_t(g.v[v]);
+      }
+      if constexpr (WRITE_GRAD_PREV) {
+        P gp;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) gp.v[v] = T(prev_grad[v]);
+        *reinterpret_cast<P*>(grad_prev + ((n * hs + sy) * ws + sx) * C + c) = gp;
+      }
+    }
+    if (!d.mask_full) {
+#pragma unroll
+      for (int k = 0; k < K * K; ++k) {
+        acc_t v = mask_grad[k];
+        for (int offset = group / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset, group);
+        if (active && lane == 0 && fp.valid(k)) grad_mask[n * HW + fp.pix(k)] = T(v);
+      }
+    }
+  }
+}
+
+// Second pass for long footprints: one thread per grad_prev element, in memory order.
+template <typename T, typename I, bool CHANNELS_LAST>
+__global__ void __launch_bounds__(kThreads) gather_grad_prev_kernel(const T* __restrict__ grad,
+                                                                    T* __restrict__ grad_prev, Dims d) {
+  using acc_t = at::opmath_type<T>;
+  const I C = d.C, H = d.H, W = d.W, hs = d.hs, ws = d.ws;
+  const int64_t total = d.N * d.C * d.hs * d.ws;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    I n, c, sy, sx, rest;
+    if constexpr (CHANNELS_LAST) {
+      rest = I(i) / C;
+      c = I(i) - rest * C;
+      const I row = rest / ws;
+      sx = rest - row * ws;
+      n = row / hs;
+      sy = row - n * hs;
+    } else {
+      rest = I(i) / ws;
+      sx = I(i) - rest * ws;
+      const I plane = rest / hs;
+      sy = rest - plane * hs;
+      n = plane / C;
+      c = plane - n * C;
+    }
+    const I y0 = I(footprint_begin(d.ys, sy)), y1 = I(footprint_begin(d.ys, sy + 1));
+    const I x0 = I(footprint_begin(d.xs, sx)), x1 = I(footprint_begin(d.xs, sx + 1));
+    acc_t sum = 0;
+    for (I y = y0; y < y1; ++y) {
+      for (I x = x0; x < x1; ++x) {
+        const I off = CHANNELS_LAST ? ((n * H + y) * W + x) * C + c : ((n * C + c) * H + y) * W + x;
+        sum += acc_t(grad[off]);
+      }
+    }
+    grad_prev[i] = T(sum);
+  }
+}
+
+// Every tensor of the call has fewer than 2^31 elements: 32-bit index arithmetic is exact.
+bool fits_int32(const Dims& d) { return d.N * std::max<int64_t>(d.C, 1) * d.H * d.W <= INT32_MAX; }
+
+template <typename T, typename I>
+void launch_forward(T* out, const T* feat, const T* mask, const T* prev, const Dims& d, bool channels_last,
+                    cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int64_t inner = channels_last ? d.C : d.H * d.W;
+  const bool vectorize = inner % VEC == 0 && aligned16(out) && aligned16(feat) && aligned16(mask) &&
+                         (!d.has_prev || aligned16(prev));
+  const int64_t numel = d.N * d.C * d.H * d.W;
+  const unsigned int blocks = blocks_for(numel / (vectorize ? VEC : 1));
+  if (channels_last) {
+    if (vectorize) merge_forward_kernel<T, I, VEC, true><<<blocks, kThreads, 0, stream>>>(out, feat, mask, prev, d);
+    else merge_forward_kernel<T, I, 1, true><<<blocks, kThreads, 0, stream>>>(out, feat, mask, prev, d);
+  } else {
+    if (vectorize) merge_forward_kernel<T, I, VEC, false><<<blocks, kThreads, 0, stream>>>(out, feat, mask, prev, d);
+    else merge_forward_kernel<T, I, 1, false><<<blocks, kThreads, 0, stream>>>(out, feat, mask, prev, d);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename I, int K, bool WRITE_GRAD_PREV>
+void launch_backward_fused(const T* grad, const T* feat, const T* mask, T* gfeat, T* gmask, T* gprev, const Dims& d,
+                           bool channels_last, cudaStream_t stream) {
+  const int64_t sources = d.N * d.hs * d.ws;
+  if (!channels_last) {
+    merge_backward_nchw_kernel<T, I, K, WRITE_GRAD_PREV>
+        <<<blocks_for(sources), kThreads, 0, stream>>>(grad, feat, mask, gfeat, gmask, gprev, d);
+  } else {
+    constexpr int VEC = 16 / sizeof(T);
+    const bool vectorize = d.C % VEC == 0 && aligned16(grad) && aligned16(feat) && aligned16(mask) &&
+                           aligned16(gfeat) && aligned16(gmask) && (!WRITE_GRAD_PREV || aligned16(gprev));
+    const int vec = vectorize ? VEC : 1;
+    const int64_t packs = (d.C + vec - 1) / vec;
+    int group_shift = 0;
+    while (group_shift < 5 && (int64_t(1) << group_shift) < packs) ++group_shift;
+    const unsigned int blocks = blocks_for(sources << group_shift);
+    if (vectorize) {
+      merge_backward_nhwc_kernel<T, I, VEC, K, WRITE_GRAD_PREV>
+          <<<blocks, kThreads, 0, stream>>>(grad, feat, mask, gfeat, gmask, gprev, d, group_shift);
+    } else {
+      merge_backward_nhwc_kernel<T, I, 1, K, WRITE_GRAD_PREV>
+          <<<blocks, kThreads, 0, stream>>>(grad, feat, mask, gfeat, gmask, gprev, d, group_shift);
+    }
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename I>
+void launch_backward(const T* grad, const T* feat, const T* mask, T* gfeat, T* gmask, T* gprev, const Dims& d,
+                     bool channels_last, cudaStream_t stream) {
+  if (!d.has_prev) {
+    launch_backward_fused<T, I, 1, false>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, stream);
+    return;
+  }
+  const int64_t longest = std::max(max_footprint(d.hs, d.H), max_footprint(d.ws, d.W));
+  if (longest <= 2) {
+    launch_backward_fused<T, I, 2, true>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, stream);
+  } else if (longest <= kMaxFootprint) {
+    launch_backward_fused<T, I, kMaxFootprint, true>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, stream);
+  } else {
+    Dims per_pixel = d;  // every output pixel its own footprint: grad_feat and grad_mask only
+    per_pixel.hs = d.H;
+    per_pixel.ws = d.W;
+    per_pixel.ys = make_nearest_axis(d.H, d.H);
+    per_pixel.xs = make_nearest_axis(d.W, d.W);
+    launch_backward_fused<T, I, 1, false>(grad, feat, mask, gfeat, gmask, gprev, per_pixel, channels_last, stream);
+    const unsigned int blocks = blocks_for(d.N * d.C * d.hs * d.ws);
+    if (channels_last) gather_grad_prev_kernel<T, I, true><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
+    else gather_grad_prev_kernel<T, I, false><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+at::Tensor topdown_merge_cuda(const at::Tensor& feat_in, const at::Tensor& mask_in,
+                              const std::optional<at::Tensor>& prev_in) {
+  check_merge_inputs(feat_in, mask_in, prev_in);
+  const c10::cuda::CUDAGuard guard(feat_in.device());
+  const auto fmt = merge_memory_format(feat_in);
+  const at::Tensor feat = feat_in.contiguous(fmt);
+  const at::Tensor mask = mask_in.contiguous(fmt);
+  const bool has_prev = prev_in.has_value();
+  const at::Tensor prev = has_prev ? prev_in->contiguous(fmt) : at::Tensor();
+  at::Tensor out = at::empty(feat.sizes(), feat.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  Dims d{};
+  d.N = feat.size(0), d.C = feat.size(1), d.H = feat.size(2), d.W = feat.size(3);
+  d.hs = has_prev ? prev.size(2) : d.H, d.ws = has_prev ? prev.size(3) : d.W;
+  d.mask_full = mask.size(1) == d.C && d.C != 1;
+  d.has_prev = has_prev;
+  d.ys = make_nearest_axis(d.hs, d.H), d.xs = make_nearest_axis(d.ws, d.W);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "topdown_merge_cuda", [&] {
+    auto launch = fits_int32(d) ? launch_forward<scalar_t, int32_t> : launch_forward<scalar_t, int64_t>;
+    launch(out.mutable_data_ptr<scalar_t>(), feat.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(),
+           has_prev ? prev.const_data_ptr<scalar_t>() : nullptr, d, fmt == at::MemoryFormat::ChannelsLast, stream);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cuda(const at::Tensor& grad_in,
+                                                                           const at::Tensor& feat_in,
+                                                                           const at::Tensor& mask_in,
+                                                                           at::IntArrayRef prev_size) {
+  check_merge_inputs(feat_in, mask_in, std::nullopt);
+  TORCH_CHECK(grad_in.sizes() == feat_in.sizes(), "topdown_merge_backward: grad_out ", grad_in.sizes(),
+              " must match feat ", feat_in.sizes());
+  TORCH_CHECK(grad_in.device() == feat_in.device() && grad_in.scalar_type() == feat_in.scalar_type(),
+              "topdown_merge_backward: grad_out must have feat's device and dtype");
+  TORCH_CHECK(prev_size.empty() || prev_size.size() == 2, "topdown_merge_backward: prev_size must be [] or [h, w]");
+  const c10::cuda::CUDAGuard guard(feat_in.device());
+  const bool has_prev = prev_size.size() == 2;
+  const auto fmt = merge_memory_format(feat_in);
+  const at::Tensor feat = feat_in.contiguous(fmt), mask = mask_in.contiguous(fmt), grad = grad_in.contiguous(fmt);
+  Dims d{};
+  d.N = feat.size(0), d.C = feat.size(1), d.H = feat.size(2), d.W = feat.size(3);
+  d.hs = has_prev ? prev_size[0] : d.H, d.ws = has_prev ? prev_size[1] : d.W;
+  TORCH_CHECK(d.hs <= d.H && d.ws <= d.W && (d.H * d.W == 0 || d.hs * d.ws > 0),
+              "topdown_merge_backward: invalid prev_size ", prev_size);
+  at::Tensor gfeat = at::empty(feat.sizes(), feat.options().memory_format(fmt));
+  at::Tensor gmask = at::empty(mask.sizes(), mask.options().memory_format(fmt));
+  at::Tensor gprev = has_prev ? at::empty({d.N, d.C, d.hs, d.ws}, feat.options().memory_format(fmt))
+                              : at::empty({0}, feat.options());
+  if (gfeat.numel() == 0) {
+    gmask.zero_();
+    gprev.zero_();
+    return {gfeat, gmask, gprev};
+  }
+  d.mask_full = mask.size(1) == d.C && d.C != 1;
+  d.has_prev = has_prev;
+  d.ys = make_nearest_axis(d.hs, d.H), d.xs = make_nearest_axis(d.ws, d.W);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "topdown_merge_backward_cuda", [&] {
+    auto launch = fits_int32(d) ? launch_backward<scalar_t, int32_t> : launch_backward<scalar_t, int64_t>;
+    launch(grad.const_data_ptr<scalar_t>(), feat.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(),
+           gfeat.mutable_data_ptr<scalar_t>(), gmask.mutable_data_ptr<scalar_t>(),
+           has_prev ? gprev.mutable_data_ptr<scalar_t>() : nullptr, d, fmt == at::MemoryFormat::ChannelsLast, stream);
+  });
+  return {gfeat, gmask, gprev};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aim_kernels, CUDA, m) {
+  m.impl("topdown_merge", &topdown_merge_cuda);
+  m.impl("topdown_merge_backward", &topdown_merge_backward_cuda);
+}
+
+}  // namespace aim_kernels

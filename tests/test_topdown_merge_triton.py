@@ -1,0 +1,117 @@
+"""Triton launchers of topdown_merge under TRITON_INTERPRET=1 on CPU tensors, against the reference.
+
+TRITON_INTERPRET must be set before triton is first imported (triton.language's own helpers
+are decorated at import), so in a normal session this file runs itself again in a
+subprocess with TRITON_INTERPRET=1 (test_under_interpreter); the numerics tests below run
+only in that subprocess.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from merge_checks import check_backward, check_forward
+
+UNDER_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not UNDER_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+# (N, C, H, W, prev (h, w) or None): odd sizes, identity, x2 (the FPN case), x3, non-integer
+# ratios per axis (7 -> 3, 9 -> 4), a footprint longer than one 16-slot tile (1x2 -> 7x9), C=1.
+SHAPES = [
+    (2, 5, 7, 9, None),
+    (2, 5, 7, 9, (7, 9)),
+    (2, 6, 8, 12, (4, 6)),
+    (1, 3, 9, 9, (3, 3)),
+    (2, 5, 7, 9, (3, 4)),
+    (2, 3, 7, 9, (1, 2)),
+    (2, 1, 5, 6, (2, 3)),
+]
+
+
+@pytest.mark.skipif(UNDER_INTERPRETER, reason="this is the subprocess")
+def test_under_interpreter():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                            cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
+    assert " passed" in result.stdout, result.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    from aim_kernels.triton import topdown_merge
+
+    assert type(topdown_merge._merge_forward_kernel).__name__ == "InterpretedFunction"
+    return topdown_merge
+
+
+def _inputs(shape, mask_channels, dtype, layout):
+    n, c, h, w, prev_hw = shape
+    fmt = LAYOUTS[layout]
+    torch.manual_seed(0)
+    feat = torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=fmt)
+    mask = torch.randn(n, c if mask_channels == "C" else 1, h, w, dtype=dtype).contiguous(memory_format=fmt)
+    prev = None if prev_hw is None else torch.randn(n, c, *prev_hw, dtype=dtype).contiguous(memory_format=fmt)
+    return feat, mask, prev
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mask_channels", ["1", "C"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_and_backward_match_reference(interpreted, shape, mask_channels, layout, dtype):
+    feat, mask, prev = _inputs(shape, mask_channels, dtype, layout)
+    out = interpreted.topdown_merge(feat, mask, prev)
+    check_forward(out, feat, mask, prev, truncating_bfloat16=True)
+    assert out.is_contiguous(memory_format=LAYOUTS[layout]) or feat.shape[1] == 1
+
+    grad = torch.randn_like(out)
+    prev_size = [] if prev is None else list(prev.shape[2:])
+    grads = interpreted.topdown_merge_backward(grad, feat, mask, prev_size)
+    check_backward(grads, grad, feat, mask, prev_size, truncating_bfloat16=True)
+    if prev is not None:
+        assert grads[2].is_contiguous(memory_format=LAYOUTS[layout]) or feat.shape[1] == 1
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4, (2, 2)), (2, 0, 4, 4, (2, 2)), (2, 3, 0, 4, (0, 2)), (0, 3, 4, 4, None)], ids=str)
+def test_empty_shapes(interpreted, shape):
+    n, c, h, w, prev_hw = shape
+    feat, mask, prev = _inputs(shape, "1", torch.float32, "nchw")
+    out = interpreted.topdown_merge(feat, mask, prev)
+    assert out.shape == feat.shape
+    prev_size = [] if prev is None else list(prev.shape[2:])
+    grad_feat, grad_mask, grad_prev = interpreted.topdown_merge_backward(torch.zeros_like(out), feat, mask, prev_size)
+    assert grad_feat.shape == feat.shape and grad_mask.shape == mask.shape
+    assert torch.count_nonzero(grad_mask) == 0 and torch.count_nonzero(grad_prev) == 0
+
+
+@needs_interpreter
+def test_half_footprint_longer_than_a_tile_accumulates_in_float32(interpreted):
+    # prev 1x1 under a 16x16 map: 256 footprint slots, 16 tiles. Summing into a float16
+    # grad_prev tile by tile would round 16 times; the launcher sums into float32 instead.
+    feat, mask, prev = _inputs((1, 4, 16, 16, (1, 1)), "1", torch.float16, "nchw")
+    plan, *_, grad_prev, accumulator = interpreted.plan_backward(torch.ones_like(feat), feat, mask, [1, 1])
+    assert accumulator.dtype == torch.float32 and plan.constexprs["BLOCK_K"] == interpreted.MAX_FOOTPRINT_SLOTS
+    grad = torch.full_like(feat, 0.1)
+    got = interpreted.topdown_merge_backward(grad, feat, mask, [1, 1])[2]
+    exact = grad.double().sum(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(got.double(), exact, rtol=2**-11, atol=0)
+
+
+@needs_interpreter
+def test_bad_input_raises_before_launch(interpreted):
+    feat, mask, prev = _inputs((2, 5, 7, 9, (3, 4)), "1", torch.float32, "nchw")
+    with pytest.raises(ValueError, match="mask"):
+        interpreted.topdown_merge(feat, mask[:, :, :3], prev)
+    with pytest.raises(ValueError, match="prev_size"):
+        interpreted.topdown_merge_backward(feat, feat, mask, [8, 4])
+    with pytest.raises(ValueError, match="grad_out"):
+        interpreted.topdown_merge_backward(feat[:1], feat, mask, [3, 4])
