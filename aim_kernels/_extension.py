@@ -22,6 +22,11 @@ else:
         EXT_LOADED = True
     except ImportError as exc:  # not built, or built against another torch
         EXT_ERROR = f"aim_kernels._C failed to import: {exc}"
+        _package_dir = os.path.dirname(os.path.abspath(__file__))
+        if os.path.exists(os.path.join(os.path.dirname(_package_dir), "setup.py")):
+            EXT_ERROR += (f" [imported from the source tree {_package_dir}: build in place with "
+                          "`python setup.py build_ext --inplace`, or run from outside the repository "
+                          "to use the installed package]")
 
 if not EXT_LOADED:
     warnings.warn(

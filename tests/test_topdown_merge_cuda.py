@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -124,8 +125,9 @@ def test_bad_backend_name_is_rejected():
 
 
 def _run_python(code, **env):
+    # cwd outside the repository, so `-c` imports the installed package, not the source tree
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=dict(os.environ, **env),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=tempfile.gettempdir())
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -34,11 +34,12 @@ SHAPES = [
 
 
 @pytest.mark.skipif(UNDER_INTERPRETER, reason="this is the subprocess")
-def test_under_interpreter():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def test_under_interpreter(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
+    # cwd outside the repository: `python -m pytest` puts cwd on sys.path, and from the
+    # repository root that would import the source tree instead of the installed package
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                            cwd=root, env=env, capture_output=True, text=True)
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
     assert " passed" in result.stdout, result.stdout[-2000:]
 
