@@ -13,15 +13,20 @@ import os
 
 from setuptools import setup
 
-import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _find_cuda_home():
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
     return home if os.path.exists(os.path.join(home, "bin", "nvcc")) else None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME once, at import: set it first, or it may settle on
+# a directory holding only an nvcc wrapper (e.g. /usr/local) and fail to link libcudart.
+if _find_cuda_home():
+    os.environ["CUDA_HOME"] = _find_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def _want_cuda():
@@ -49,8 +54,6 @@ def _extension():
             "aim_kernels._C", cpu_sources,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
         )
-    cuda_home = _find_cuda_home()
-    os.environ["CUDA_HOME"] = cuda_home  # torch.utils.cpp_extension reads it for nvcc
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     nvcc_flags = [
         "-O3", "-std=c++20", "--fmad=false", "--expt-relaxed-constexpr",

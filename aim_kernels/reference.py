@@ -9,7 +9,7 @@ import torch.nn.functional as F
 def topdown_merge(feat, mask, prev=None):
     """feat * mask + nearest-upsample(prev) to feat's spatial size (F.interpolate's index rule)."""
     out = feat * mask
-    if prev is not None:
+    if prev is not None and out.numel() > 0:  # F.interpolate rejects empty tensors
         out = out + F.interpolate(prev, size=feat.shape[-2:], mode="nearest")
     return out
 

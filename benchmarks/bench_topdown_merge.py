@@ -1,0 +1,98 @@
+"""Throughput of topdown_merge: the fused C++ CPU kernel vs eager PyTorch and torch.compile
+of the reference, forward and forward+backward, at AIM's ConvNeXt-T stage sizes.
+
+    python benchmarks/bench_topdown_merge.py [--quick]
+
+Runs every provider under both allocator settings (see common.py) and reports ms, effective
+GB/s (minimum bytes a fused kernel must move / time) and that as a fraction of this machine's
+elementwise bandwidth measured in the same run. Writes benchmarks/results/topdown_merge.{json,csv}.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import aim_kernels  # noqa: E402
+from aim_kernels import reference  # noqa: E402
+
+# (N, C, H, W, h, w): the top-down steps of a 224x224 ConvNeXt-T at batch 16, width 256.
+CASES = [(16, 256, 56, 56, 28, 28), (16, 256, 28, 28, 14, 14), (16, 256, 14, 14, 7, 7)]
+QUICK_CASES = [(4, 64, 56, 56, 28, 28)]
+
+
+def min_bytes(n, c, H, W, h, w, elem=4):
+    """Each tensor read or written once: forward reads feat, mask (N,1,H,W), prev and writes
+    out; backward reads grad, feat, mask and writes grad_feat, grad_mask, grad_prev."""
+    big, small, msk = n * c * H * W * elem, n * c * h * w * elem, n * H * W * elem
+    forward = 2 * big + msk + small
+    backward = 3 * big + 2 * msk + small
+    return forward, forward + backward
+
+
+def child(quick):
+    torch.manual_seed(0)
+    compiled = torch.compile(reference.topdown_merge, dynamic=False)
+    providers = {"aim_kernels": aim_kernels.topdown_merge, "eager": reference.topdown_merge, "torch.compile": compiled}
+    add_fn, add_bytes = common.bandwidth_probe()
+    rows = []
+    for n, c, H, W, h, w in QUICK_CASES if quick else CASES:
+        feat = torch.randn(n, c, H, W, requires_grad=True)
+        mask = (torch.rand(n, 1, H, W) > 0.5).float().requires_grad_()
+        prev = torch.randn(n, c, h, w, requires_grad=True)
+        grad = torch.randn(n, c, H, W)
+        nbytes = dict(zip(("forward", "forward+backward"), min_bytes(n, c, H, W, h, w)))
+        fns = {"torch.add": add_fn}
+        for name, fn in providers.items():
+            fns[(name, "forward")] = lambda fn=fn: _no_grad_call(fn, feat, mask, prev)
+            fns[(name, "forward+backward")] = lambda fn=fn: torch.autograd.grad(fn(feat, mask, prev), (feat, mask, prev), grad)
+        stats = common.time_interleaved(fns, rounds=8 if quick else 15)
+        bandwidth = add_bytes / (stats.pop("torch.add")["median_ms"] * 1e-3) / 1e9
+        for (name, mode), t in stats.items():
+            gbs = nbytes[mode] / (t["median_ms"] * 1e-3) / 1e9
+            rows.append({
+                "allocator": os.environ.get(common.CHILD_ENV_FLAG, "inherited"),
+                "shape": f"{n}x{c}x{H}x{W}<-{h}x{w}", "mode": mode, "provider": name,
+                "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
+                "GB/s": gbs, "frac_of_add_bw": gbs / bandwidth, "add_bw_GB/s": bandwidth,
+            })
+    print(json.dumps(rows))
+
+
+def _no_grad_call(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+def add_speedups(rows):
+    by_key = {(r["allocator"], r["shape"], r["mode"], r["provider"]): r for r in rows}
+    for r in rows:
+        key = (r["allocator"], r["shape"], r["mode"])
+        r["x_vs_eager"] = by_key[key + ("eager",)]["median_ms"] / r["median_ms"]
+        r["x_vs_compile"] = by_key[key + ("torch.compile",)]["median_ms"] / r["median_ms"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
+    args = parser.parse_args()
+    if os.environ.get(common.CHILD_ENV_FLAG):
+        return child(args.quick)
+    rows = [r for part in common.run_under_both_allocators(__file__, sys.argv[1:]) for r in part]
+    add_speedups(rows)
+    common.print_table(rows, ["allocator", "shape", "mode", "provider", "median_ms", "GB/s", "frac_of_add_bw",
+                              "x_vs_eager", "x_vs_compile"])
+    baselines = {(r["allocator"], r["shape"]): r["add_bw_GB/s"] for r in rows}
+    print("bandwidth baseline, torch.add(a, b, out=c) float32, measured interleaved with each shape:")
+    for (allocator, shape), gbs in baselines.items():
+        print(f"  {allocator} {shape}: {gbs:.1f} GB/s")
+    paths = common.write_results("topdown_merge" + ("_quick" if args.quick else ""), rows, common.machine_info())
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
