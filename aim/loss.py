@@ -5,6 +5,8 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import nn
 
+from aim_kernels import mask_loss
+
 MASK_LOSS_WEIGHT = 6.0  # lambda in the paper
 
 
@@ -16,11 +18,9 @@ class AIMLossParts(NamedTuple):
 
 class AIMLoss(nn.Module):
     """total = sum of cross-entropies (final classifier and every stage classifier)
-    + mask_weight * sum over stages of mean over images of (r_l - tau)^2,
-    where r_l is the fraction of active entries of an image's mask at stage l.
-
-    r_l is taken per image so every image, not only the batch on average, is pushed to the
-    target sparsity; it is differentiable through the straight-through masks.
+    + mask_weight * ``aim_kernels.mask_loss``: the sum over stages of (r_l - tau)^2, r_l the
+    fraction of active entries of stage l's masks over the batch (differentiable through the
+    straight-through masks).
     """
 
     def __init__(self, mask_weight=MASK_LOSS_WEIGHT):
@@ -31,11 +31,12 @@ class AIMLoss(nn.Module):
 
     def forward(self, output, labels, tau):
         """output: an :class:`aim.AIMOutput`; labels: (N,) class indices; tau: the current target
-        fraction (a number, e.g. from :class:`MaskAnnealing`)."""
+        fraction, one number for every stage (e.g. from :class:`MaskAnnealing`) or one per stage,
+        finest first."""
         classification = F.cross_entropy(output.logits, labels)
         for stage_logits in output.stage_logits.values():
             classification = classification + F.cross_entropy(stage_logits, labels)
-        mask = sum(((m.flatten(1).mean(dim=1) - tau) ** 2).mean() for m in output.masks.values())
+        mask = mask_loss(list(output.masks.values()), tau)
         return AIMLossParts(classification + self.mask_weight * mask, classification, mask)
 
 

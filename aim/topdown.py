@@ -22,6 +22,32 @@ from aim_kernels import reference
 INITIAL_MASK_LOGIT = 2.0
 
 
+class _ReferenceStraightThrough(torch.autograd.Function):
+    """The reference gumbel_binarize forward and its straight-through backward as one
+    differentiable function (aim_kernels.reference has them as the op's two halves)."""
+
+    @staticmethod
+    def forward(ctx, logits, temperature, training, seed):
+        ctx.save_for_backward(logits, seed)
+        ctx.temperature, ctx.training = temperature, training
+        return reference.gumbel_binarize(logits, temperature, training, seed, 0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, seed = ctx.saved_tensors
+        return reference.gumbel_binarize_backward(grad_out, logits, ctx.temperature, ctx.training, seed, 0), None, None, None
+
+
+def reference_gumbel_binarize(logits, temperature=1.0, *, training=True):
+    """Plain-PyTorch ``aim_kernels.gumbel_binarize(logits, temperature, training=training)``.
+
+    The seed is drawn from torch's default generator exactly as the op draws it for seed=None
+    (one int64 over the full range), so after the same ``torch.manual_seed`` both paths
+    sample bit-identical masks."""
+    seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device=logits.device) if training else None
+    return _ReferenceStraightThrough.apply(logits, float(temperature), training, seed)
+
+
 class ResidualBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN plus identity, then ReLU (ResNet basic block, fixed width)."""
 
@@ -149,7 +175,7 @@ class FusedTopDownMask(nn.Module):
         """
         names = self._check_input(x)
         merge = reference.topdown_merge if self.use_reference else aim_kernels.topdown_merge
-        binarize = reference.gumbel_binarize if self.use_reference else aim_kernels.gumbel_binarize
+        binarize = reference_gumbel_binarize if self.use_reference else aim_kernels.gumbel_binarize
         run_names = names[len(names) - self.depth:]
         features, masks, pooled = {}, {}, {}
         prev = None

@@ -10,6 +10,7 @@ from aim.backbones import SmallConvNet, build_backbone
 from aim.data import batches, make_toy_split
 from aim.metrics import mask_active_fraction
 from aim.profiling import added_cost
+from test_aim_topdown import assert_gradients_close, single_thread  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_loss_is_cross_entropy_sum_plus_weighted_mask_loss():
     parts = aim.AIMLoss()(out, labels, tau=0.4)
     ce = nn.functional.cross_entropy
     expected_cls = ce(out.logits, labels) + sum(ce(l, labels) for l in out.stage_logits.values())
-    expected_mask = sum(((m.flatten(1).mean(1) - 0.4) ** 2).mean() for m in out.masks.values())
+    expected_mask = sum((m.mean() - 0.4) ** 2 for m in out.masks.values())
     torch.testing.assert_close(parts.classification, expected_cls)
     torch.testing.assert_close(parts.mask, expected_mask)
     torch.testing.assert_close(parts.total, expected_cls + 6.0 * expected_mask)
@@ -145,7 +146,7 @@ def test_fused_and_reference_models_agree():
         aim.AIMLoss()(out, labels, 0.5).total.backward()
         grads.append([p.grad for p in model.parameters()])
     for f, r in zip(*grads):
-        torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-5)  # float32 through two conv stacks
+        assert_gradients_close(f, r)
 
 
 def test_mask_statistics_move_towards_the_target_on_the_toy_task():
@@ -180,9 +181,13 @@ def test_fidelity_convnext_tiny_depth_2():
 
 
 def test_torch_compile_trains_a_step_without_graph_breaks():
+    """fullgraph=True fails on any graph break. The aot_eager backend runs dynamo and
+    AOTAutograd over the ops' fake kernels and autograd formulas -- where the ops could break a
+    graph -- without inductor's C++ code generation, which takes minutes on this 2-core machine
+    (the default inductor backend passes this test too; it is not run here for time)."""
     torch.manual_seed(0)
     model = small_model()
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
     out = compiled(images)
     aim.AIMLoss()(out, labels, 0.5).total.backward()

