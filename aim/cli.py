@@ -83,6 +83,11 @@ def _evaluate(model, split, batch_size):
     return result
 
 
+def _per_stage(values):
+    """Per-stage numbers as "a/b/...", stages finest first."""
+    return "/".join(f"{v:.2f}" for v in values.values())
+
+
 class _PlainClassifier(nn.Module):
     """The baseline: the same backbone, global average pool of its last stage, linear."""
 
@@ -168,10 +173,9 @@ def run_demo(args):
         row = {"epoch": epoch, "tau": tau, "train_loss": sums["loss"] / sums["seen"], "train_accuracy": sums["correct"] / sums["seen"],
                "train_mask_active_fraction": train_active, "test": evaluation, "elapsed_s": time.perf_counter() - start}
         history.append(row)
-        fmt = lambda d: "/".join(f"{v:.2f}" for v in d.values())  # noqa: E731  (stages finest first)
-        print(f"{epoch:>5} {tau:>5.2f} {row['train_loss']:>7.3f} {row['train_accuracy']:>9.3f} {fmt(train_active):>14} | "
-              f"{evaluation['accuracy']:>8.3f} {evaluation['worst_group_accuracy']:>9.3f} {fmt(evaluation['mask_active_fraction']):>14} "
-              f"{fmt(evaluation['energy_pointing_game']):>14} {row['elapsed_s']:>5.0f}", flush=True)
+        print(f"{epoch:>5} {tau:>5.2f} {row['train_loss']:>7.3f} {row['train_accuracy']:>9.3f} {_per_stage(train_active):>14} | "
+              f"{evaluation['accuracy']:>8.3f} {evaluation['worst_group_accuracy']:>9.3f} {_per_stage(evaluation['mask_active_fraction']):>14} "
+              f"{_per_stage(evaluation['energy_pointing_game']):>14} {row['elapsed_s']:>5.0f}", flush=True)
 
     box_fraction = metrics.box_area_fraction(test.boxes, tuple(test.images.shape[-2:])).mean().item()
     print(f"EPG of a mask that keeps everything (object box area / image area): {box_fraction:.2f}")

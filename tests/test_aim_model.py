@@ -50,6 +50,22 @@ def test_resnet50_by_name():
     assert out.logits.shape == (1, 2)
 
 
+def test_weights_are_passed_to_torchvision(monkeypatch):
+    """No network here: record what build_backbone hands torchvision instead of downloading."""
+    import torchvision
+
+    seen = {}
+    real_get_model = torchvision.models.get_model
+
+    def recording_get_model(name, **kwargs):
+        seen[name] = kwargs["weights"]
+        return real_get_model(name, weights=None)
+
+    monkeypatch.setattr(torchvision.models, "get_model", recording_get_model)
+    aim.AIM("resnet18", num_classes=2, weights="IMAGENET1K_V1")
+    assert seen == {"resnet18": "IMAGENET1K_V1"}
+
+
 def test_module_returning_a_dict_keeps_its_stage_names():
     class DictBackbone(nn.Module):
         def __init__(self):

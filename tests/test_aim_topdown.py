@@ -208,3 +208,15 @@ def test_bad_input():
         module(list(x.values()))
     with pytest.raises(ValueError, match="finest first"):
         module(stage_maps(sizes=[(23, 19), (12, 10), (3, 3), (6, 5)]))
+
+
+def test_compiles_without_graph_breaks_including_last_masks():
+    """The drop-in module alone under fullgraph=True: the ops and the last_masks attribute
+    update trace into one graph (aot_eager: dynamo + AOTAutograd, see test_aim_model)."""
+    module = aim.FusedTopDownMask(CHANNELS, 16, depth=2)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = stage_maps()
+    out = compiled(x)
+    sum(f.sum() for f in out.values()).backward()
+    assert list(module.last_masks) == list(out) == ["feat2", "feat3"]
+    assert module.mask_estimators[0].to_logit.weight.grad is not None
