@@ -1,0 +1,94 @@
+"""A procedurally generated WaterBirds-like toy task (no downloads).
+
+Each image shows one object on a background. The class is the object's shape (0: disk,
+1: plus sign); the background is "land" (green-brown blotches) or "water" (blue horizontal
+waves). In the training split the background agrees with the class with probability
+``spurious_correlation`` (0.95 like WaterBirds), so the background is a shortcut; in the test
+split background and class are independent, and accuracy is reported per (class, background)
+group -- the worst group shows whether a model relied on the shortcut. Every image carries its
+object's bounding box, for pointing-game metrics on the masks.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+CLASS_NAMES = ("disk", "plus")
+BACKGROUND_NAMES = ("land", "water")
+
+
+class ToySplit(NamedTuple):
+    images: torch.Tensor      # (N, 3, S, S) float32 in [0, 1]
+    labels: torch.Tensor      # (N,) int64 class (object shape)
+    backgrounds: torch.Tensor  # (N,) int64 0 land, 1 water
+    boxes: torch.Tensor       # (N, 4) int64 object box x0, y0, x1, y1 (pixels, end exclusive)
+
+    @property
+    def groups(self):
+        """Group index 2 * label + background: 0 disk/land, 1 disk/water, 2 plus/land, 3 plus/water."""
+        return 2 * self.labels + self.backgrounds
+
+    def __len__(self):
+        return self.labels.shape[0]
+
+
+def make_toy_split(num_images, image_size=64, spurious_correlation=0.95, seed=0):
+    """Generate a split; ``spurious_correlation`` is P(background == label) (0.5: independent)."""
+    if not 0 <= spurious_correlation <= 1:
+        raise ValueError(f"spurious_correlation must be a probability, got {spurious_correlation}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32 for the shapes to be recognizable, got {image_size}")
+    g = torch.Generator().manual_seed(seed)
+    n, s = num_images, image_size
+    labels = torch.randint(0, 2, (n,), generator=g)
+    agrees = torch.rand(n, generator=g) < spurious_correlation
+    backgrounds = torch.where(agrees, labels, 1 - labels)
+
+    ys = torch.arange(s, dtype=torch.float32).view(1, s, 1)
+    xs = torch.arange(s, dtype=torch.float32).view(1, 1, s)
+    images = _backgrounds(backgrounds, s, g, ys, xs)
+
+    # Object: side 22-34% of the image, anywhere fully inside it, in a random saturated colour
+    # independent of class and background.
+    side = torch.randint(int(0.22 * s), int(0.34 * s) + 1, (n,), generator=g)
+    x0 = (torch.rand(n, generator=g) * (s - side + 1).float()).long()
+    y0 = (torch.rand(n, generator=g) * (s - side + 1).float()).long()
+    half = side.float().view(n, 1, 1) / 2
+    cy, cx = y0.float().view(n, 1, 1) + half - 0.5, x0.float().view(n, 1, 1) + half - 0.5
+    dy, dx = (ys - cy).abs(), (xs - cx).abs()
+    disk = (dy ** 2 + dx ** 2) <= half ** 2
+    arm = half / 3
+    plus = ((dy <= arm) & (dx <= half)) | ((dx <= arm) & (dy <= half))
+    shape = torch.where(labels.view(n, 1, 1) == 0, disk, plus).unsqueeze(1)
+    hue = torch.rand(n, generator=g) * 2 * math.pi
+    colour = 0.5 + 0.45 * torch.stack([torch.cos(hue), torch.cos(hue - 2.094), torch.cos(hue + 2.094)], dim=1)
+    images = torch.where(shape, colour.view(n, 3, 1, 1), images)
+
+    images = (images + 0.04 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    boxes = torch.stack([x0, y0, x0 + side, y0 + side], dim=1)
+    return ToySplit(images, labels, backgrounds, boxes)
+
+
+def _backgrounds(backgrounds, s, g, ys, xs):
+    n = backgrounds.shape[0]
+    # Land: green-brown mix driven by smooth blotches (low-resolution noise, upsampled).
+    blotch = F.interpolate(torch.rand(n, 1, 6, 6, generator=g), size=(s, s), mode="bilinear", align_corners=False)
+    green, brown = torch.tensor([0.25, 0.45, 0.15]), torch.tensor([0.45, 0.35, 0.2])
+    land = green.view(1, 3, 1, 1) * blotch + brown.view(1, 3, 1, 1) * (1 - blotch)
+    # Water: blue with horizontal waves of random phase and frequency.
+    phase = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
+    freq = 0.3 + 0.3 * torch.rand(n, 1, 1, generator=g)
+    wave = 0.5 + 0.5 * torch.sin(freq * ys + 0.15 * torch.sin(0.2 * xs) + phase)
+    water = torch.tensor([0.1, 0.3, 0.6]).view(1, 3, 1, 1) + torch.tensor([0.1, 0.15, 0.2]).view(1, 3, 1, 1) * wave.unsqueeze(1)
+    brightness = 0.85 + 0.3 * torch.rand(n, 1, 1, 1, generator=g)
+    return torch.where(backgrounds.view(n, 1, 1, 1) == 1, water, land) * brightness
+
+
+def batches(split, batch_size, shuffle, generator=None):
+    """Yield (images, labels, index) mini-batches of a split."""
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        index = order[start:start + batch_size]
+        yield split.images[index], split.labels[index], index

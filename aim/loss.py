@@ -1,0 +1,64 @@
+"""AIM's training objective and mask-annealing schedule."""
+import math
+from typing import NamedTuple
+
+import torch.nn.functional as F
+from torch import nn
+
+from aim_kernels import mask_loss
+
+MASK_LOSS_WEIGHT = 6.0  # lambda in the paper
+
+
+class AIMLossParts(NamedTuple):
+    total: object
+    classification: object
+    mask: object
+
+
+class AIMLoss(nn.Module):
+    """total = sum of cross-entropies (final classifier and every stage classifier)
+    + mask_weight * ``aim_kernels.mask_loss``: the sum over stages of (r_l - tau)^2, r_l the
+    fraction of active entries of stage l's masks over the batch (differentiable through the
+    straight-through masks).
+    """
+
+    def __init__(self, mask_weight=MASK_LOSS_WEIGHT):
+        super().__init__()
+        if not math.isfinite(mask_weight) or mask_weight < 0:
+            raise ValueError(f"mask_weight must be a finite number >= 0, got {mask_weight}")
+        self.mask_weight = float(mask_weight)
+
+    def forward(self, output, labels, tau):
+        """output: an :class:`aim.AIMOutput`; labels: (N,) class indices; tau: the current target
+        fraction, one number for every stage (e.g. from :class:`MaskAnnealing`) or one per stage,
+        finest first."""
+        classification = F.cross_entropy(output.logits, labels)
+        for stage_logits in output.stage_logits.values():
+            classification = classification + F.cross_entropy(stage_logits, labels)
+        mask = mask_loss(list(output.masks.values()), tau)
+        return AIMLossParts(classification + self.mask_weight * mask, classification, mask)
+
+
+class MaskAnnealing:
+    """tau for an epoch: linear from ``start`` (1.0, fully active) at epoch 0 to ``target`` at
+    epoch ``anneal_epochs``, then held. Fractional epochs (e.g. per step) interpolate too."""
+
+    def __init__(self, target, anneal_epochs, start=1.0):
+        if not 0 < target <= 1 or not 0 < start <= 1:
+            raise ValueError(f"target and start must be fractions in (0, 1], got target={target}, start={start}")
+        if anneal_epochs < 0:
+            raise ValueError(f"anneal_epochs must be >= 0, got {anneal_epochs}")
+        self.target, self.anneal_epochs, self.start = float(target), anneal_epochs, float(start)
+
+    @classmethod
+    def for_model(cls, model, anneal_epochs, start=1.0):
+        """The schedule towards the target an :class:`aim.AIM` or :class:`aim.FusedTopDownMask` was built with."""
+        return cls(model.target, anneal_epochs, start)
+
+    def __call__(self, epoch):
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if self.anneal_epochs == 0 or epoch >= self.anneal_epochs:
+            return self.target
+        return self.start + (self.target - self.start) * epoch / self.anneal_epochs

@@ -1,0 +1,73 @@
+"""The AIM classifier: a backbone, the top-down masking pathway, per-stage classifiers."""
+from typing import NamedTuple
+
+from torch import nn
+
+from aim.backbones import as_stage_dict, build_backbone, probe_stage_channels
+from aim.topdown import FusedTopDownMask
+
+
+class AIMOutput(NamedTuple):
+    """logits: (N, num_classes) from the classifier on the final fused map F_depth (the
+    prediction); stage_logits: per top-down stage, the classifier f_l on O_l; masks: per stage
+    B_l, (N, 1, H_l, W_l). Both dicts are keyed by stage name, finest first."""
+
+    logits: object
+    stage_logits: dict
+    masks: dict
+
+
+class AIM(nn.Module):
+    """AIM (ICCV 2025): a CNN whose decision uses only the spatial positions its learned binary
+    masks keep, e.g. ``AIM("convnext_tiny", num_classes=2, depth=2, target=0.25)``.
+
+    Args:
+        backbone: a torchvision name (``aim.backbones.BACKBONE_NAMES``: resnet18/34/50/101/152,
+            convnext_tiny/small/base/large) or any nn.Module returning a list/tuple or dict of
+            NCHW stage maps, finest first.
+        num_classes: number of classes.
+        depth: how many of the coarsest stages the top-down pathway runs through.
+        target: mask-annealing target fraction of active mask entries.
+        out_channels: width of the top-down pathway.
+        mask_hidden_channels: width of each mask estimator.
+        temperature: Gumbel temperature.
+        weights: passed to torchvision for a backbone given by name (None: random init; any
+            other value makes torchvision download/load the pretrained weights).
+        stage_channels: channels of the backbone's stages; found by a probe forward if None.
+        use_reference: run the plain-PyTorch reference ops instead of the fused ones.
+    """
+
+    def __init__(self, backbone, num_classes, depth=2, target=0.25, out_channels=256, mask_hidden_channels=128,
+                 temperature=1.0, weights=None, stage_channels=None, use_reference=False):
+        super().__init__()
+        if isinstance(backbone, str):
+            backbone = build_backbone(backbone, weights=weights)
+        elif not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
+        elif weights is not None:
+            raise ValueError("weights= only applies to a backbone given by name; load weights into your module yourself")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.backbone = backbone
+        channels = list(stage_channels) if stage_channels is not None else probe_stage_channels(backbone)
+        self.topdown = FusedTopDownMask(channels, out_channels, depth=depth, temperature=temperature, target=target,
+                                        mask_hidden_channels=mask_hidden_channels, use_reference=use_reference)
+        # One classifier per top-down stage (on O_l), finest first like the stage dicts.
+        self.stage_classifiers = nn.ModuleList([nn.Linear(out_channels, num_classes) for _ in range(self.topdown.depth)])
+        self.classifier = nn.Linear(out_channels, num_classes)
+
+    @property
+    def depth(self):
+        return self.topdown.depth
+
+    @property
+    def target(self):
+        return self.topdown.target
+
+    def forward(self, images):
+        stages = as_stage_dict(self.backbone(images))
+        result = self.topdown.run(stages, pool_stage_outputs=True)
+        final = next(iter(result.features.values()))  # F_depth: the finest stage the pathway reached
+        logits = self.classifier(final.mean(dim=(2, 3)))
+        stage_logits = {name: clf(pooled) for clf, (name, pooled) in zip(self.stage_classifiers, result.pooled_stage_outputs.items())}
+        return AIMOutput(logits, stage_logits, dict(result.masks))

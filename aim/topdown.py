@@ -1,0 +1,218 @@
+"""The AIM top-down masking pathway: a drop-in for torchvision.ops.FeaturePyramidNetwork.
+
+Per top-down stage l (coarsest first), as in shared/DESIGN.md:
+
+    A_l = M_l(S_l)                   mask estimator -> one logit channel
+    B_l = gumbel_binarize(A_l)       {0,1}, straight-through gradient
+    F_l = T_l(S_l) * B_l + up(F_l+1) topdown_merge (one fused op)
+"""
+import math
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+import aim_kernels
+from aim_kernels import reference
+
+# The mask loss anneals tau from 1.0 (fully active) down to the target, so the masks start
+# mostly active: sigmoid(2.0) = 88% of positions pass the Gumbel threshold at initialization,
+# while the straight-through gradient sigmoid' (0.10 at logit 2) is still far from vanishing.
+INITIAL_MASK_LOGIT = 2.0
+
+
+class _ReferenceStraightThrough(torch.autograd.Function):
+    """The reference gumbel_binarize forward and its straight-through backward as one
+    differentiable function (aim_kernels.reference has them as the op's two halves)."""
+
+    @staticmethod
+    def forward(ctx, logits, temperature, training, seed):
+        ctx.save_for_backward(logits, seed)
+        ctx.temperature, ctx.training = temperature, training
+        return reference.gumbel_binarize(logits, temperature, training, seed, 0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, seed = ctx.saved_tensors
+        return reference.gumbel_binarize_backward(grad_out, logits, ctx.temperature, ctx.training, seed, 0), None, None, None
+
+
+def reference_gumbel_binarize(logits, temperature=1.0, *, training=True):
+    """Plain-PyTorch ``aim_kernels.gumbel_binarize(logits, temperature, training=training)``.
+
+    The seed is drawn from torch's default generator exactly as the op draws it for seed=None
+    (one int64 over the full range), so after the same ``torch.manual_seed`` both paths
+    sample bit-identical masks."""
+    seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device=logits.device) if training else None
+    return _ReferenceStraightThrough.apply(logits, float(temperature), training, seed)
+
+
+class ResidualBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus identity, then ReLU (ResNet basic block, fixed width)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class MaskEstimator(nn.Module):
+    """M_l: 3x3 conv, residual blocks, a global-average-pool branch, 1x1 conv to one logit channel.
+
+    The pool branch (pool -> linear -> one scalar per image) is added to the logit map at every
+    position: it lets image-level context shift the whole mask up or down, which the mask loss
+    on the active fraction needs. Adding it to the logit rather than to the hidden map before the
+    1x1 conv is the same function class (the 1x1 conv is linear) with fewer parameters.
+    """
+
+    def __init__(self, in_channels, hidden_channels=128, num_blocks=3):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.blocks = nn.Sequential(*[ResidualBlock(hidden_channels) for _ in range(num_blocks)])
+        self.global_branch = nn.Linear(hidden_channels, 1)
+        self.to_logit = nn.Conv2d(hidden_channels, 1, 1)
+        nn.init.constant_(self.to_logit.bias, INITIAL_MASK_LOGIT)
+
+    def forward(self, x):
+        hidden = self.blocks(self.stem(x))
+        global_shift = self.global_branch(hidden.mean(dim=(2, 3)))
+        return self.to_logit(hidden) + global_shift[:, :, None, None]
+
+
+class TopDownResult(NamedTuple):
+    """features: F_l per top-down stage; masks: B_l (N, 1, H_l, W_l); pooled_stage_outputs:
+    global average of O_l = T_l(S_l) * B_l, (N, out_channels), or None when not requested.
+    All three are OrderedDicts keyed by the input's stage names, finest first."""
+
+    features: "OrderedDict[str, torch.Tensor]"
+    masks: "OrderedDict[str, torch.Tensor]"
+    pooled_stage_outputs: "OrderedDict[str, torch.Tensor] | None"
+
+
+class FusedTopDownMask(nn.Module):
+    """AIM's top-down masking pathway, a drop-in for ``torchvision.ops.FeaturePyramidNetwork``.
+
+    ``forward`` takes an OrderedDict of NCHW stage maps, finest first, with ``in_channels_list[i]``
+    channels each, and returns an OrderedDict of (N, out_channels, H, W) maps with the same keys
+    -- the keys of the ``depth`` coarsest stages the pathway runs through (all of them when
+    ``depth`` is None, exactly like FeaturePyramidNetwork).
+
+    Args:
+        in_channels_list: channels of every backbone stage, finest first.
+        out_channels: common width of the lateral 1x1 convs T_l (and of the outputs).
+        depth: how many of the coarsest stages the pathway runs through (AIM[depth, target]);
+            None means all.
+        temperature: Gumbel temperature of the straight-through gradient.
+        target: mask-annealing target (fraction of active mask entries the training schedule
+            anneals to; read by ``aim.MaskAnnealing.for_model``).
+        mask_hidden_channels: width of the mask estimators.
+        use_reference: run the plain-PyTorch reference ops (``aim_kernels.reference``) instead of
+            the fused ops; same parameters and seed give the same outputs and gradients.
+
+    Train mode samples Gumbel masks; eval mode thresholds the logits at 0. The masks of the last
+    forward are kept (detached) in ``last_masks``; ``forward(x, return_masks=True)`` returns
+    ``(features, masks)`` with the masks still in the autograd graph (for the mask loss).
+    """
+
+    def __init__(self, in_channels_list, out_channels, depth=None, temperature=1.0, target=0.25,
+                 mask_hidden_channels=128, use_reference=False):
+        super().__init__()
+        in_channels_list = list(in_channels_list)
+        if not in_channels_list or not all(isinstance(c, int) and c > 0 for c in in_channels_list):
+            raise ValueError(f"in_channels_list must be a non-empty list of positive ints, got {in_channels_list}")
+        if not isinstance(out_channels, int) or out_channels <= 0:
+            raise ValueError(f"out_channels must be a positive int, got {out_channels!r}")
+        num_stages = len(in_channels_list)
+        if depth is None:
+            depth = num_stages
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= num_stages:
+            raise ValueError(f"depth must be an int in 1..{num_stages} (the number of stages in in_channels_list), got {depth!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+            raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
+        self.in_channels_list = in_channels_list
+        self.out_channels = out_channels
+        self.depth = depth
+        self.temperature = float(temperature)
+        self.target = float(target)
+        self.use_reference = bool(use_reference)
+        run_channels = in_channels_list[num_stages - depth:]
+        # Index i of these lists is the i-th stage the pathway runs through, finest first.
+        self.lateral = nn.ModuleList([nn.Conv2d(c, out_channels, 1) for c in run_channels])
+        self.mask_estimators = nn.ModuleList([MaskEstimator(c, mask_hidden_channels) for c in run_channels])
+        self.last_masks = None
+
+    def extra_repr(self):
+        return (f"in_channels_list={self.in_channels_list}, out_channels={self.out_channels}, depth={self.depth}, "
+                f"temperature={self.temperature}, target={self.target}, use_reference={self.use_reference}")
+
+    def forward(self, x, return_masks=False):
+        result = self.run(x)
+        self.last_masks = OrderedDict((name, mask.detach()) for name, mask in result.masks.items())
+        if return_masks:
+            return result.features, result.masks
+        return result.features
+
+    def run(self, x, pool_stage_outputs=False):
+        """The pathway with everything AIM training needs: a :class:`TopDownResult`.
+
+        ``pool_stage_outputs`` also returns the global average of each O_l = T_l(S_l) * B_l,
+        computed as a masked mean (one batched matmul) so O_l is never materialized apart from
+        the fused merge.
+        """
+        names = self._check_input(x)
+        merge = reference.topdown_merge if self.use_reference else aim_kernels.topdown_merge
+        binarize = reference_gumbel_binarize if self.use_reference else aim_kernels.gumbel_binarize
+        run_names = names[len(names) - self.depth:]
+        features, masks, pooled = {}, {}, {}
+        prev = None
+        for i in reversed(range(self.depth)):
+            stage = x[run_names[i]]
+            lateral = self.lateral[i](stage)
+            mask = binarize(self.mask_estimators[i](stage), self.temperature, training=self.training)
+            prev = merge(lateral, mask, prev)
+            features[run_names[i]] = prev
+            masks[run_names[i]] = mask
+            if pool_stage_outputs:
+                h, w = lateral.shape[-2:]
+                masked_sum = torch.bmm(lateral.flatten(2), mask.flatten(2).transpose(1, 2)).squeeze(2)
+                pooled[run_names[i]] = masked_sum / (h * w)
+        return TopDownResult(
+            _ordered(features, run_names), _ordered(masks, run_names), _ordered(pooled, run_names) if pool_stage_outputs else None
+        )
+
+    def _check_input(self, x):
+        if not isinstance(x, dict):
+            raise TypeError(f"input must be a dict (OrderedDict) of stage maps, finest first, got {type(x).__name__}")
+        names = list(x.keys())
+        if len(names) != len(self.in_channels_list):
+            raise ValueError(f"input has {len(names)} stage maps ({names}) but in_channels_list has {len(self.in_channels_list)} entries")
+        previous_size = None
+        for name, expected in zip(names, self.in_channels_list):
+            t = x[name]
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"stage {name!r} must be a 4-D NCHW tensor, got {getattr(t, 'shape', type(t).__name__)}")
+            if t.shape[1] != expected:
+                raise ValueError(f"stage {name!r} has {t.shape[1]} channels but in_channels_list says {expected}")
+            size = tuple(t.shape[-2:])
+            if previous_size is not None and (size[0] > previous_size[0] or size[1] > previous_size[1]):
+                raise ValueError(f"stage maps must be ordered finest first: stage {name!r} is {size[0]}x{size[1]}, larger than the stage before it ({previous_size[0]}x{previous_size[1]})")
+            previous_size = size
+        return names
+
+
+def _ordered(by_name, names):
+    return OrderedDict((name, by_name[name]) for name in names)

@@ -1,0 +1,66 @@
+"""aim.data, aim.metrics and the `aim` command line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aim import metrics
+from aim.cli import main
+from aim.data import make_toy_split
+from test_aim_topdown import single_thread  # noqa: F401  (fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_toy_split_is_deterministic_and_the_shortcut_has_the_requested_strength():
+    a, b = make_toy_split(400, image_size=48, spurious_correlation=0.9, seed=3), make_toy_split(400, image_size=48, spurious_correlation=0.9, seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.images.shape == (400, 3, 48, 48) and 0 <= a.images.min() and a.images.max() <= 1
+    agreement = (a.labels == a.backgrounds).float().mean().item()
+    assert 0.85 < agreement < 0.95
+    assert (a.boxes[:, :2] >= 0).all() and (a.boxes[:, 2:] <= 48).all() and (a.boxes[:, 2:] > a.boxes[:, :2]).all()
+    assert set(a.groups.tolist()) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="spurious_correlation"):
+        make_toy_split(4, spurious_correlation=1.5)
+
+
+def test_energy_pointing_game_and_active_fraction():
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, 0, 0] = 1  # top-left cell: pixels 0..7 of a 32x32 image
+    mask[0, 0, 3, 3] = 1
+    boxes = torch.tensor([[0, 0, 8, 8], [0, 0, 8, 8]])
+    epg = metrics.energy_pointing_game(mask, boxes, (32, 32))
+    torch.testing.assert_close(epg, torch.tensor([0.5, 0.0]))  # second image: empty mask scores 0
+    torch.testing.assert_close(metrics.mask_active_fraction(mask), torch.tensor([2 / 16, 0.0]))
+    torch.testing.assert_close(metrics.box_area_fraction(boxes, (32, 32)), torch.tensor([1 / 16, 1 / 16]))
+
+
+def test_group_accuracies():
+    predictions, labels = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 1, 0, 0, 1])
+    per_group, worst = metrics.group_accuracies(predictions, labels, torch.tensor([0, 1, 2, 2, 1]), 4)
+    assert per_group[:3] == [1.0, 1.0, 0.5] and per_group[3] != per_group[3]
+    assert worst == 0.5
+    assert metrics.accuracy(torch.tensor([[2.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 0])) == 0.5
+
+
+def test_demo_writes_metrics_and_mask_png(tmp_path, capsys):
+    main(["demo", "--out", str(tmp_path), "--epochs", "2", "--anneal-epochs", "1", "--train-size", "128",
+          "--test-size", "64", "--image-size", "32", "--batch-size", "32"])
+    printed = capsys.readouterr().out
+    assert "worst grp" in printed and "masks.png" in printed
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert [row["tau"] for row in summary["history"]] == [1.0, 0.25]
+    assert set(summary["history"][-1]["test"]["energy_pointing_game"]) == {"2", "3"}
+    png = (tmp_path / "masks.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_module_entry_point_profile():
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "aim", "profile", "--backbone", "resnet18", "--image-size", "64"],
+                          capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "added" in proc.stdout and "AIM[2] on resnet18 at 64x64" in proc.stdout

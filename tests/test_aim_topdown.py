@@ -1,0 +1,222 @@
+"""aim.FusedTopDownMask: the FPN drop-in contract, fused vs reference path, train/eval, gradients."""
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torchvision.ops import FeaturePyramidNetwork
+
+import aim
+from aim.topdown import MaskEstimator
+
+CHANNELS = [8, 12, 16, 24]
+# Odd sizes on purpose: the top-down upsampling is not an exact x2 between these stages.
+SIZES = [(23, 19), (12, 10), (6, 5), (3, 3)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These tensors are small: intra-op threads add only synchronization, which on a loaded
+    2-core machine costs far more than the work (measured: 7x slower training steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def stage_maps(batch=2, channels=CHANNELS, sizes=SIZES, requires_grad=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return OrderedDict(
+        (f"feat{i}", torch.randn(batch, c, h, w, generator=g, dtype=dtype).requires_grad_(requires_grad))
+        for i, (c, (h, w)) in enumerate(zip(channels, sizes))
+    )
+
+
+def near_threshold(module):
+    """Mask logits near 0 so a Gumbel sample differs visibly from the eval threshold."""
+    for estimator in module.mask_estimators:
+        torch.nn.init.zeros_(estimator.to_logit.bias)
+    return module
+
+
+def test_same_input_and_output_types_as_torchvision_fpn():
+    x = stage_maps()
+    fpn_out = FeaturePyramidNetwork(CHANNELS, 32)(x)
+    out = aim.FusedTopDownMask(CHANNELS, 32)(x)
+    assert isinstance(out, OrderedDict)
+    assert list(out) == list(fpn_out)
+    for name in out:
+        assert out[name].shape == fpn_out[name].shape
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_depth_runs_through_the_coarsest_stages(depth):
+    module = aim.FusedTopDownMask(CHANNELS, 16, depth=depth)
+    x = stage_maps()
+    out = module(x)
+    assert list(out) == list(x)[4 - depth:]
+    for name, t in out.items():
+        assert t.shape == (2, 16, *x[name].shape[-2:])
+    assert list(module.last_masks) == list(out)
+    assert len(module.lateral) == len(module.mask_estimators) == depth
+
+
+def test_masks_exposed_without_changing_the_return_type():
+    module = aim.FusedTopDownMask(CHANNELS, 16, depth=3)
+    x = stage_maps()
+    features, masks = module(x, return_masks=True)
+    assert list(masks) == list(features)
+    for name, mask in masks.items():
+        assert mask.shape == (2, 1, *x[name].shape[-2:])
+        assert mask.requires_grad  # in the graph, for the mask loss
+        assert not module.last_masks[name].requires_grad
+        assert set(torch.unique(mask.detach()).tolist()) <= {0.0, 1.0}
+
+
+def test_output_is_the_topdown_recursion():
+    """F_l = T_l(S_l) * B_l + nearest-up(F_l+1), from the parts, in eval mode (B_l = logits >= 0)."""
+    module = aim.FusedTopDownMask(CHANNELS, 16, depth=3).eval()
+    x = stage_maps()
+    out = module(x)
+    names = list(x)[1:]
+    prev = None
+    with torch.no_grad():
+        for i in reversed(range(3)):
+            stage = x[names[i]]
+            mask = (module.mask_estimators[i](stage) >= 0).float()
+            expected = module.lateral[i](stage) * mask
+            if prev is not None:
+                expected = expected + torch.nn.functional.interpolate(prev, size=stage.shape[-2:], mode="nearest")
+            torch.testing.assert_close(out[names[i]], expected)
+            prev = expected
+
+
+def assert_gradients_close(fused, ref):
+    """Gradients differ in the last float32 bits: the kernels sum grad_prev over upsampling
+    footprints and evaluate the straight-through sigmoid in another order than autograd, and
+    the conv weight gradients then sum thousands of such terms, so an entry whose sum cancels
+    can be off relatively but never by more than a small fraction of the tensor's scale."""
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5 * max(1.0, ref.abs().max().item()))
+
+
+def _run(module, x, seed):
+    torch.manual_seed(seed)
+    features, masks = module(x, return_masks=True)
+    loss = sum((f * torch.linspace(-1, 1, f.numel()).view_as(f)).sum() for f in features.values())
+    inputs = [x[name] for name in features]
+    grads = torch.autograd.grad(loss, inputs + list(module.parameters()), allow_unused=True)
+    return features, masks, grads
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_and_reference_paths_agree(training):
+    """Same parameters and seed: identical masks, outputs and gradients on both paths."""
+    torch.manual_seed(0)
+    fused = near_threshold(aim.FusedTopDownMask(CHANNELS, 16, depth=3)).train(training)
+    reference = copy.deepcopy(fused)
+    reference.use_reference = True
+    x = stage_maps(requires_grad=True)
+    f_feat, f_masks, f_grads = _run(fused, x, seed=123)
+    r_feat, r_masks, r_grads = _run(reference, x, seed=123)
+    for name in f_masks:
+        assert torch.equal(f_masks[name], r_masks[name])
+        # The forward is the same float32 arithmetic on both paths (no FMA contraction).
+        torch.testing.assert_close(f_feat[name], r_feat[name], rtol=0, atol=0)
+    for f, r in zip(f_grads, r_grads):
+        assert (f is None) == (r is None)
+        if f is not None:
+            assert_gradients_close(f, r)
+    if training:
+        assert 0 < sum(m.sum().item() for m in f_masks.values()) < sum(m.numel() for m in f_masks.values())
+
+
+def test_train_samples_and_eval_thresholds():
+    torch.manual_seed(0)
+    module = near_threshold(aim.FusedTopDownMask(CHANNELS, 16, depth=2))
+    x = stage_maps()
+    module.eval()
+    _, eval_a = module(x, return_masks=True)
+    _, eval_b = module(x, return_masks=True)
+    with torch.no_grad():
+        logits = module.mask_estimators[0](x["feat2"])
+    for name in eval_a:
+        assert torch.equal(eval_a[name], eval_b[name])
+    assert torch.equal(eval_a["feat2"], (logits >= 0).float())
+    module.train()
+    torch.manual_seed(1)
+    _, train_a = module(x, return_masks=True)
+    torch.manual_seed(2)
+    _, train_b = module(x, return_masks=True)
+    torch.manual_seed(1)
+    _, train_a_again = module(x, return_masks=True)
+    assert not torch.equal(train_a["feat2"], train_b["feat2"])
+    assert torch.equal(train_a["feat2"], train_a_again["feat2"])
+
+
+def test_gradient_reaches_the_mask_estimator_through_straight_through():
+    module = aim.FusedTopDownMask(CHANNELS, 16, depth=2)
+    features = module(stage_maps())
+    sum(f.square().mean() for f in features.values()).backward()
+    for estimator in module.mask_estimators:
+        for name, p in estimator.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_channels_last_input_gives_the_same_output():
+    module = aim.FusedTopDownMask(CHANNELS, 16, depth=3).eval()
+    x = stage_maps()
+    x_cl = OrderedDict((k, v.contiguous(memory_format=torch.channels_last)) for k, v in x.items())
+    out, out_cl = module(x), module(x_cl)
+    for name in out:
+        torch.testing.assert_close(out_cl[name], out[name], rtol=1e-5, atol=1e-5)
+
+
+def test_mask_estimator_starts_mostly_active():
+    estimator = MaskEstimator(8, hidden_channels=16).eval()
+    with torch.no_grad():
+        logits = estimator(torch.randn(4, 8, 9, 9))
+    assert logits.shape == (4, 1, 9, 9)
+    assert (logits >= 0).float().mean() > 0.8
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(depth=5), "depth must be an int in 1..4"),
+        (dict(depth=0), "depth must be an int in 1..4"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(target=1.5), "target"),
+        (dict(in_channels_list=[]), "in_channels_list"),
+        (dict(out_channels=0), "out_channels"),
+    ],
+)
+def test_bad_configuration(kwargs, message):
+    args = dict(in_channels_list=CHANNELS, out_channels=16)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        aim.FusedTopDownMask(**args)
+
+
+def test_bad_input():
+    module = aim.FusedTopDownMask(CHANNELS, 16, depth=2)
+    x = stage_maps()
+    with pytest.raises(ValueError, match="stage 'feat2' has 17 channels but in_channels_list says 16"):
+        module(stage_maps(channels=[8, 12, 17, 24]))
+    with pytest.raises(ValueError, match="3 stage maps"):
+        module(OrderedDict(list(x.items())[:3]))
+    with pytest.raises(TypeError, match="dict"):
+        module(list(x.values()))
+    with pytest.raises(ValueError, match="finest first"):
+        module(stage_maps(sizes=[(23, 19), (12, 10), (3, 3), (6, 5)]))
+
+
+def test_compiles_without_graph_breaks_including_last_masks():
+    """The drop-in module alone under fullgraph=True: the ops and the last_masks attribute
+    update trace into one graph (aot_eager: dynamo + AOTAutograd, see test_aim_model)."""
+    module = aim.FusedTopDownMask(CHANNELS, 16, depth=2)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x = stage_maps()
+    out = compiled(x)
+    sum(f.sum() for f in out.values()).backward()
+    assert list(module.last_masks) == list(out) == ["feat2", "feat3"]
+    assert module.mask_estimators[0].to_logit.weight.grad is not None
