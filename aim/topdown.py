@@ -15,6 +15,7 @@ from torch import nn
 
 import aim_kernels
 from aim_kernels import reference
+from aim_kernels.gumbel_binarize import draw_seed
 
 # The mask loss anneals tau from 1.0 (fully active) down to the target, so the masks start
 # mostly active: sigmoid(2.0) = 88% of positions pass the Gumbel threshold at initialization,
@@ -22,30 +23,13 @@ from aim_kernels import reference
 INITIAL_MASK_LOGIT = 2.0
 
 
-class _ReferenceStraightThrough(torch.autograd.Function):
-    """The reference gumbel_binarize forward and its straight-through backward as one
-    differentiable function (aim_kernels.reference has them as the op's two halves)."""
-
-    @staticmethod
-    def forward(ctx, logits, temperature, training, seed):
-        ctx.save_for_backward(logits, seed)
-        ctx.temperature, ctx.training = temperature, training
-        return reference.gumbel_binarize(logits, temperature, training, seed, 0)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, seed = ctx.saved_tensors
-        return reference.gumbel_binarize_backward(grad_out, logits, ctx.temperature, ctx.training, seed, 0), None, None, None
-
-
 def reference_gumbel_binarize(logits, temperature=1.0, *, training=True):
     """Plain-PyTorch ``aim_kernels.gumbel_binarize(logits, temperature, training=training)``.
 
-    The seed is drawn from torch's default generator exactly as the op draws it for seed=None
-    (one int64 over the full range), so after the same ``torch.manual_seed`` both paths
-    sample bit-identical masks."""
-    seed = torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, device=logits.device) if training else None
-    return _ReferenceStraightThrough.apply(logits, float(temperature), training, seed)
+    The seed comes from the op's own ``draw_seed``, so after the same ``torch.manual_seed``
+    both paths sample bit-identical masks."""
+    seed = draw_seed(logits.device) if training else None
+    return reference.gumbel_binarize_straight_through(logits, float(temperature), training, seed, 0)
 
 
 class ResidualBlock(nn.Module):

@@ -60,10 +60,16 @@ def gumbel_binarize(logits, temperature=1.0, *, training=True, seed=None, offset
     if not training:
         seed_tensor = None
     elif seed is None:
-        seed_tensor = torch.randint(_INT64_MIN, 2**63 - 1, (), dtype=torch.int64, device=logits.device)
+        seed_tensor = draw_seed(logits.device)
     else:
         seed_tensor = torch.tensor(_as_int64(seed), dtype=torch.int64, device=logits.device)
     return _forward(logits, temperature, training, seed_tensor, offset)
+
+
+def draw_seed(device):
+    """The seed a call with seed=None uses: one int64 from torch's default generator for
+    `device`, as a 0-d tensor on it."""
+    return torch.randint(_INT64_MIN, 2**63 - 1, (), dtype=torch.int64, device=device)
 
 
 def _as_int64(seed):

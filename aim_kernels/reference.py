@@ -178,3 +178,23 @@ def gumbel_binarize_backward(grad_out, logits, temperature, training, seed, offs
     soft = torch.sigmoid(a / temperature)
     grad = grad_out.to(a.dtype) * (soft * (1 - soft) / temperature)
     return grad.to(logits.dtype).contiguous(memory_format=memory_format_of(logits))
+
+
+class _GumbelStraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, temperature, training, seed, offset):
+        ctx.save_for_backward(logits, seed)
+        ctx.temperature, ctx.training, ctx.offset = temperature, training, offset
+        return gumbel_binarize(logits, temperature, training, seed, offset)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, seed = ctx.saved_tensors
+        grad = gumbel_binarize_backward(grad_out, logits, ctx.temperature, ctx.training, seed, ctx.offset)
+        return grad, None, None, None, None
+
+
+def gumbel_binarize_straight_through(logits, temperature, training, seed, offset):
+    """gumbel_binarize with its straight-through gradient (gumbel_binarize_backward) as one
+    differentiable plain-PyTorch function: the reference path of a model."""
+    return _GumbelStraightThrough.apply(logits, temperature, training, seed, offset)
