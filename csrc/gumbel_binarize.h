@@ -8,7 +8,7 @@
 #include <cmath>
 #include <optional>
 
-#include "topdown_merge.h"  // merge_memory_format: the output layout rule of every op
+#include "layout.h"
 
 namespace aim_kernels {
 

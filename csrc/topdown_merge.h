@@ -1,22 +1,16 @@
-// Host-side pieces of topdown_merge shared by the CPU and CUDA kernels: input checks
-// (the Python wrapper raises friendlier errors first; these guard direct op calls) and the
-// layout rule for outputs.
+// Host-side pieces of topdown_merge shared by the CPU and CUDA kernels: input checks (the
+// Python wrapper raises friendlier errors first; these guard direct op calls), inputs brought
+// to the output layout, outputs allocated.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
+
+#include "layout.h"
 
 namespace aim_kernels {
-
-// Output layout follows feat: channels_last only when feat is channels_last-dense and not
-// also plain-contiguous. aim_kernels/_library.py memory_format_of is the same rule.
-inline at::MemoryFormat merge_memory_format(const at::Tensor& feat) {
-  if (feat.dim() == 4 && !feat.is_contiguous() && feat.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  return at::MemoryFormat::Contiguous;
-}
 
 inline void check_merge_inputs(const at::Tensor& feat, const at::Tensor& mask, const std::optional<at::Tensor>& prev) {
   TORCH_CHECK(feat.dim() == 4, "topdown_merge: feat must be 4-D (N, C, H, W), got ", feat.sizes());
@@ -35,6 +29,70 @@ inline void check_merge_inputs(const at::Tensor& feat, const at::Tensor& mask, c
     TORCH_CHECK(p.size(2) <= feat.size(2) && p.size(3) <= feat.size(3), "topdown_merge: prev ", p.sizes(), " must not be larger than feat ", feat.sizes());
     TORCH_CHECK(feat.size(2) * feat.size(3) == 0 || p.size(2) * p.size(3) > 0, "topdown_merge: prev has an empty spatial size");
   }
+}
+
+// Sizes of one call. Without prev, the "source" grid is the output grid itself (hs = H, ws = W).
+struct MergeGeometry {
+  int64_t N, C, H, W, hs, ws;
+  bool mask_full, has_prev;
+};
+
+inline MergeGeometry merge_geometry(const at::Tensor& feat, const at::Tensor& mask, bool has_prev, int64_t hs, int64_t ws) {
+  const int64_t C = feat.size(1);
+  return MergeGeometry{feat.size(0), C, feat.size(2), feat.size(3), has_prev ? hs : feat.size(2),
+                       has_prev ? ws : feat.size(3), mask.size(1) == C && C != 1, has_prev};
+}
+
+// Forward: inputs in the output layout (copied only if they are not), the output allocated.
+struct MergeForward {
+  at::MemoryFormat fmt;
+  at::Tensor feat, mask, prev, out;  // prev undefined when absent
+  MergeGeometry geometry;
+};
+
+inline MergeForward prepare_merge_forward(const at::Tensor& feat_in, const at::Tensor& mask_in,
+                                          const std::optional<at::Tensor>& prev_in) {
+  check_merge_inputs(feat_in, mask_in, prev_in);
+  const auto fmt = output_memory_format(feat_in);
+  const bool has_prev = prev_in.has_value();
+  at::Tensor feat = feat_in.contiguous(fmt), mask = mask_in.contiguous(fmt);
+  at::Tensor prev = has_prev ? prev_in->contiguous(fmt) : at::Tensor();
+  at::Tensor out = at::empty(feat.sizes(), feat.options().memory_format(fmt));
+  const MergeGeometry g = merge_geometry(feat, mask, has_prev, has_prev ? prev.size(2) : 0, has_prev ? prev.size(3) : 0);
+  return MergeForward{fmt, feat, mask, prev, out, g};
+}
+
+// Backward: the same for grad_out, feat, mask, and the three gradients (grad_prev is an empty
+// tensor when the forward had no prev). For an empty feat the gradients are already final.
+struct MergeBackward {
+  at::MemoryFormat fmt;
+  at::Tensor grad, feat, mask, gfeat, gmask, gprev;
+  MergeGeometry geometry;
+};
+
+inline MergeBackward prepare_merge_backward(const at::Tensor& grad_in, const at::Tensor& feat_in,
+                                            const at::Tensor& mask_in, at::IntArrayRef prev_size) {
+  check_merge_inputs(feat_in, mask_in, std::nullopt);
+  TORCH_CHECK(grad_in.sizes() == feat_in.sizes(), "topdown_merge_backward: grad_out ", grad_in.sizes(),
+              " must match feat ", feat_in.sizes());
+  TORCH_CHECK(grad_in.device() == feat_in.device() && grad_in.scalar_type() == feat_in.scalar_type(),
+              "topdown_merge_backward: grad_out must have feat's device and dtype");
+  TORCH_CHECK(prev_size.empty() || prev_size.size() == 2, "topdown_merge_backward: prev_size must be [] or [h, w]");
+  const bool has_prev = prev_size.size() == 2;
+  const auto fmt = output_memory_format(feat_in);
+  at::Tensor feat = feat_in.contiguous(fmt), mask = mask_in.contiguous(fmt), grad = grad_in.contiguous(fmt);
+  const MergeGeometry g = merge_geometry(feat, mask, has_prev, has_prev ? prev_size[0] : 0, has_prev ? prev_size[1] : 0);
+  TORCH_CHECK(g.hs >= 0 && g.ws >= 0 && g.hs <= g.H && g.ws <= g.W && (g.H * g.W == 0 || g.hs * g.ws > 0),
+              "topdown_merge_backward: invalid prev_size ", prev_size);
+  at::Tensor gfeat = at::empty(feat.sizes(), feat.options().memory_format(fmt));
+  at::Tensor gmask = at::empty(mask.sizes(), mask.options().memory_format(fmt));
+  at::Tensor gprev = has_prev ? at::empty({g.N, g.C, g.hs, g.ws}, feat.options().memory_format(fmt))
+                              : at::empty({0}, feat.options());
+  if (gfeat.numel() == 0) {
+    gmask.zero_();
+    gprev.zero_();
+  }
+  return MergeBackward{fmt, grad, feat, mask, gfeat, gmask, gprev, g};
 }
 
 }  // namespace aim_kernels

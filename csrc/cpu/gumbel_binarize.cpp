@@ -171,7 +171,7 @@ uint64_t seed_value(bool training, const std::optional<at::Tensor>& seed) {
 at::Tensor gumbel_binarize_cpu(const at::Tensor& logits_in, double temperature, bool training,
                                const std::optional<at::Tensor>& seed, int64_t offset) {
   check_gumbel_inputs("gumbel_binarize", logits_in, temperature, training, seed, offset);
-  const auto fmt = merge_memory_format(logits_in);
+  const auto fmt = output_memory_format(logits_in);
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor out = at::empty(logits.sizes(), logits.options());
   const int64_t numel = logits.numel();
@@ -196,7 +196,7 @@ at::Tensor gumbel_binarize_backward_cpu(const at::Tensor& grad_in, const at::Ten
               " must match logits ", logits_in.sizes());
   TORCH_CHECK(grad_in.scalar_type() == logits_in.scalar_type(), "gumbel_binarize_backward: grad_out dtype ",
               grad_in.scalar_type(), " != logits dtype ", logits_in.scalar_type());
-  const auto fmt = merge_memory_format(logits_in);
+  const auto fmt = output_memory_format(logits_in);
   const at::Tensor logits = logits_in.contiguous(), grad = grad_in.contiguous();
   at::Tensor out = at::empty(logits.sizes(), logits.options());
   const int64_t numel = logits.numel();

@@ -257,58 +257,33 @@ void backward_nhwc(const T* g, const T* feat, const T* mask, T* gfeat, T* gmask,
   });
 }
 
-at::Tensor topdown_merge_cpu(const at::Tensor& feat_in, const at::Tensor& mask_in, const std::optional<at::Tensor>& prev_in) {
-  check_merge_inputs(feat_in, mask_in, prev_in);
-  const auto fmt = merge_memory_format(feat_in);
-  const at::Tensor feat = feat_in.contiguous(fmt);
-  const at::Tensor mask = mask_in.contiguous(fmt);
-  const bool has_prev = prev_in.has_value();
-  const at::Tensor prev = has_prev ? prev_in->contiguous(fmt) : at::Tensor();
-  at::Tensor out = at::empty(feat.sizes(), feat.options().memory_format(fmt));
-  if (out.numel() == 0) return out;
-  const int64_t N = feat.size(0), C = feat.size(1), H = feat.size(2), W = feat.size(3);
-  const int64_t h = has_prev ? prev.size(2) : H, w = has_prev ? prev.size(3) : W;
-  const bool mask_full = mask.size(1) == C && C != 1;
-  const AxisMap ys = make_axis_map(h, H), xs = make_axis_map(w, W);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "topdown_merge_cpu", [&] {
-    const scalar_t* p = has_prev ? prev.const_data_ptr<scalar_t>() : nullptr;
-    auto run = fmt == at::MemoryFormat::ChannelsLast ? forward_nhwc<scalar_t> : forward_nchw<scalar_t>;
-    run(out.mutable_data_ptr<scalar_t>(), feat.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(), p, N, C, H,
-        W, h, w, mask_full, ys, xs);
+at::Tensor topdown_merge_cpu(const at::Tensor& feat, const at::Tensor& mask, const std::optional<at::Tensor>& prev) {
+  const MergeForward f = prepare_merge_forward(feat, mask, prev);
+  const MergeGeometry& g = f.geometry;
+  if (f.out.numel() == 0) return f.out;
+  const AxisMap ys = make_axis_map(g.hs, g.H), xs = make_axis_map(g.ws, g.W);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.feat.scalar_type(), "topdown_merge_cpu", [&] {
+    auto run = f.fmt == at::MemoryFormat::ChannelsLast ? forward_nhwc<scalar_t> : forward_nchw<scalar_t>;
+    run(f.out.mutable_data_ptr<scalar_t>(), f.feat.const_data_ptr<scalar_t>(), f.mask.const_data_ptr<scalar_t>(),
+        g.has_prev ? f.prev.const_data_ptr<scalar_t>() : nullptr, g.N, g.C, g.H, g.W, g.hs, g.ws, g.mask_full, ys, xs);
   });
-  return out;
+  return f.out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cpu(const at::Tensor& grad_in,
-                                                                          const at::Tensor& feat_in,
-                                                                          const at::Tensor& mask_in,
-                                                                          at::IntArrayRef prev_size) {
-  check_merge_inputs(feat_in, mask_in, std::nullopt);
-  TORCH_CHECK(grad_in.sizes() == feat_in.sizes(), "topdown_merge_backward: grad_out ", grad_in.sizes(), " must match feat ", feat_in.sizes());
-  TORCH_CHECK(prev_size.empty() || prev_size.size() == 2, "topdown_merge_backward: prev_size must be [] or [h, w]");
-  const bool has_prev = prev_size.size() == 2;
-  const auto fmt = merge_memory_format(feat_in);
-  const at::Tensor feat = feat_in.contiguous(fmt), mask = mask_in.contiguous(fmt), grad = grad_in.contiguous(fmt);
-  const int64_t N = feat.size(0), C = feat.size(1), H = feat.size(2), W = feat.size(3);
-  const int64_t hs = has_prev ? prev_size[0] : H, ws = has_prev ? prev_size[1] : W;
-  TORCH_CHECK(hs <= H && ws <= W && (H * W == 0 || hs * ws > 0), "topdown_merge_backward: invalid prev_size ", prev_size);
-  at::Tensor gfeat = at::empty(feat.sizes(), feat.options().memory_format(fmt));
-  at::Tensor gmask = at::empty(mask.sizes(), mask.options().memory_format(fmt));
-  at::Tensor gprev = has_prev ? at::empty({N, C, hs, ws}, feat.options().memory_format(fmt)) : at::empty({0}, feat.options());
-  if (gfeat.numel() == 0) {
-    gmask.zero_();
-    gprev.zero_();
-    return {gfeat, gmask, gprev};
-  }
-  const bool mask_full = mask.size(1) == C && C != 1;
-  const AxisMap ys = make_axis_map(hs, H), xs = make_axis_map(ws, W);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "topdown_merge_backward_cpu", [&] {
-    auto run = fmt == at::MemoryFormat::ChannelsLast ? backward_nhwc<scalar_t> : backward_nchw<scalar_t>;
-    run(grad.const_data_ptr<scalar_t>(), feat.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(),
-        gfeat.mutable_data_ptr<scalar_t>(), gmask.mutable_data_ptr<scalar_t>(),
-        has_prev ? gprev.mutable_data_ptr<scalar_t>() : nullptr, N, C, H, W, hs, ws, mask_full, has_prev, ys, xs);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cpu(const at::Tensor& grad, const at::Tensor& feat,
+                                                                          const at::Tensor& mask, at::IntArrayRef prev_size) {
+  const MergeBackward b = prepare_merge_backward(grad, feat, mask, prev_size);
+  const MergeGeometry& g = b.geometry;
+  if (b.gfeat.numel() == 0) return {b.gfeat, b.gmask, b.gprev};
+  const AxisMap ys = make_axis_map(g.hs, g.H), xs = make_axis_map(g.ws, g.W);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.feat.scalar_type(), "topdown_merge_backward_cpu", [&] {
+    auto run = b.fmt == at::MemoryFormat::ChannelsLast ? backward_nhwc<scalar_t> : backward_nchw<scalar_t>;
+    run(b.grad.const_data_ptr<scalar_t>(), b.feat.const_data_ptr<scalar_t>(), b.mask.const_data_ptr<scalar_t>(),
+        b.gfeat.mutable_data_ptr<scalar_t>(), b.gmask.mutable_data_ptr<scalar_t>(),
+        g.has_prev ? b.gprev.mutable_data_ptr<scalar_t>() : nullptr, g.N, g.C, g.H, g.W, g.hs, g.ws, g.mask_full,
+        g.has_prev, ys, xs);
   });
-  return {gfeat, gmask, gprev};
+  return {b.gfeat, b.gmask, b.gprev};
 }
 
 }  // namespace

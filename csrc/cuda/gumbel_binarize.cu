@@ -94,7 +94,7 @@ at::Tensor gumbel_binarize_cuda(const at::Tensor& logits_in, double temperature,
                                 const std::optional<at::Tensor>& seed, int64_t offset) {
   check_gumbel_inputs("gumbel_binarize", logits_in, temperature, training, seed, offset);
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const auto fmt = merge_memory_format(logits_in);
+  const auto fmt = output_memory_format(logits_in);
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor out = at::empty(logits.sizes(), logits.options());
   const int64_t numel = logits.numel();
@@ -119,7 +119,7 @@ at::Tensor gumbel_binarize_backward_cuda(const at::Tensor& grad_in, const at::Te
   TORCH_CHECK(grad_in.scalar_type() == logits_in.scalar_type() && grad_in.device() == logits_in.device(),
               "gumbel_binarize_backward: grad_out must have logits' dtype and device");
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const auto fmt = merge_memory_format(logits_in);
+  const auto fmt = output_memory_format(logits_in);
   const at::Tensor logits = logits_in.contiguous(), grad = grad_in.contiguous();
   at::Tensor out = at::empty(logits.sizes(), logits.options());
   const int64_t numel = logits.numel();

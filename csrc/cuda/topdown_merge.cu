@@ -371,71 +371,39 @@ void launch_backward(const T* grad, const T* feat, const T* mask, T* gfeat, T* g
   }
 }
 
-at::Tensor topdown_merge_cuda(const at::Tensor& feat_in, const at::Tensor& mask_in,
-                              const std::optional<at::Tensor>& prev_in) {
-  check_merge_inputs(feat_in, mask_in, prev_in);
-  const c10::cuda::CUDAGuard guard(feat_in.device());
-  const auto fmt = merge_memory_format(feat_in);
-  const at::Tensor feat = feat_in.contiguous(fmt);
-  const at::Tensor mask = mask_in.contiguous(fmt);
-  const bool has_prev = prev_in.has_value();
-  const at::Tensor prev = has_prev ? prev_in->contiguous(fmt) : at::Tensor();
-  at::Tensor out = at::empty(feat.sizes(), feat.options().memory_format(fmt));
-  if (out.numel() == 0) return out;
-  Dims d{};
-  d.N = feat.size(0), d.C = feat.size(1), d.H = feat.size(2), d.W = feat.size(3);
-  d.hs = has_prev ? prev.size(2) : d.H, d.ws = has_prev ? prev.size(3) : d.W;
-  d.mask_full = mask.size(1) == d.C && d.C != 1;
-  d.has_prev = has_prev;
-  d.ys = make_nearest_axis(d.hs, d.H), d.xs = make_nearest_axis(d.ws, d.W);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "topdown_merge_cuda", [&] {
-    auto launch = fits_int32(d) ? launch_forward<scalar_t, int32_t> : launch_forward<scalar_t, int64_t>;
-    launch(out.mutable_data_ptr<scalar_t>(), feat.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(),
-           has_prev ? prev.const_data_ptr<scalar_t>() : nullptr, d, fmt == at::MemoryFormat::ChannelsLast, stream);
-  });
-  return out;
+Dims dims_of(const MergeGeometry& g) {
+  return Dims{g.N, g.C, g.H, g.W, g.hs, g.ws, g.mask_full, g.has_prev, make_nearest_axis(g.hs, g.H),
+              make_nearest_axis(g.ws, g.W)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cuda(const at::Tensor& grad_in,
-                                                                           const at::Tensor& feat_in,
-                                                                           const at::Tensor& mask_in,
-                                                                           at::IntArrayRef prev_size) {
-  check_merge_inputs(feat_in, mask_in, std::nullopt);
-  TORCH_CHECK(grad_in.sizes() == feat_in.sizes(), "topdown_merge_backward: grad_out ", grad_in.sizes(),
-              " must match feat ", feat_in.sizes());
-  TORCH_CHECK(grad_in.device() == feat_in.device() && grad_in.scalar_type() == feat_in.scalar_type(),
-              "topdown_merge_backward: grad_out must have feat's device and dtype");
-  TORCH_CHECK(prev_size.empty() || prev_size.size() == 2, "topdown_merge_backward: prev_size must be [] or [h, w]");
-  const c10::cuda::CUDAGuard guard(feat_in.device());
-  const bool has_prev = prev_size.size() == 2;
-  const auto fmt = merge_memory_format(feat_in);
-  const at::Tensor feat = feat_in.contiguous(fmt), mask = mask_in.contiguous(fmt), grad = grad_in.contiguous(fmt);
-  Dims d{};
-  d.N = feat.size(0), d.C = feat.size(1), d.H = feat.size(2), d.W = feat.size(3);
-  d.hs = has_prev ? prev_size[0] : d.H, d.ws = has_prev ? prev_size[1] : d.W;
-  TORCH_CHECK(d.hs <= d.H && d.ws <= d.W && (d.H * d.W == 0 || d.hs * d.ws > 0),
-              "topdown_merge_backward: invalid prev_size ", prev_size);
-  at::Tensor gfeat = at::empty(feat.sizes(), feat.options().memory_format(fmt));
-  at::Tensor gmask = at::empty(mask.sizes(), mask.options().memory_format(fmt));
-  at::Tensor gprev = has_prev ? at::empty({d.N, d.C, d.hs, d.ws}, feat.options().memory_format(fmt))
-                              : at::empty({0}, feat.options());
-  if (gfeat.numel() == 0) {
-    gmask.zero_();
-    gprev.zero_();
-    return {gfeat, gmask, gprev};
-  }
-  d.mask_full = mask.size(1) == d.C && d.C != 1;
-  d.has_prev = has_prev;
-  d.ys = make_nearest_axis(d.hs, d.H), d.xs = make_nearest_axis(d.ws, d.W);
+at::Tensor topdown_merge_cuda(const at::Tensor& feat, const at::Tensor& mask, const std::optional<at::Tensor>& prev) {
+  const c10::cuda::CUDAGuard guard(feat.device());
+  const MergeForward f = prepare_merge_forward(feat, mask, prev);
+  if (f.out.numel() == 0) return f.out;
+  const Dims d = dims_of(f.geometry);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "topdown_merge_backward_cuda", [&] {
-    auto launch = fits_int32(d) ? launch_backward<scalar_t, int32_t> : launch_backward<scalar_t, int64_t>;
-    launch(grad.const_data_ptr<scalar_t>(), feat.const_data_ptr<scalar_t>(), mask.const_data_ptr<scalar_t>(),
-           gfeat.mutable_data_ptr<scalar_t>(), gmask.mutable_data_ptr<scalar_t>(),
-           has_prev ? gprev.mutable_data_ptr<scalar_t>() : nullptr, d, fmt == at::MemoryFormat::ChannelsLast, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.feat.scalar_type(), "topdown_merge_cuda", [&] {
+    auto launch = fits_int32(d) ? launch_forward<scalar_t, int32_t> : launch_forward<scalar_t, int64_t>;
+    launch(f.out.mutable_data_ptr<scalar_t>(), f.feat.const_data_ptr<scalar_t>(), f.mask.const_data_ptr<scalar_t>(),
+           d.has_prev ? f.prev.const_data_ptr<scalar_t>() : nullptr, d, f.fmt == at::MemoryFormat::ChannelsLast, stream);
   });
-  return {gfeat, gmask, gprev};
+  return f.out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cuda(const at::Tensor& grad, const at::Tensor& feat,
+                                                                           const at::Tensor& mask, at::IntArrayRef prev_size) {
+  const c10::cuda::CUDAGuard guard(feat.device());
+  const MergeBackward b = prepare_merge_backward(grad, feat, mask, prev_size);
+  if (b.gfeat.numel() == 0) return {b.gfeat, b.gmask, b.gprev};
+  const Dims d = dims_of(b.geometry);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.feat.scalar_type(), "topdown_merge_backward_cuda", [&] {
+    auto launch = fits_int32(d) ? launch_backward<scalar_t, int32_t> : launch_backward<scalar_t, int64_t>;
+    launch(b.grad.const_data_ptr<scalar_t>(), b.feat.const_data_ptr<scalar_t>(), b.mask.const_data_ptr<scalar_t>(),
+           b.gfeat.mutable_data_ptr<scalar_t>(), b.gmask.mutable_data_ptr<scalar_t>(),
+           d.has_prev ? b.gprev.mutable_data_ptr<scalar_t>() : nullptr, d, b.fmt == at::MemoryFormat::ChannelsLast, stream);
+  });
+  return {b.gfeat, b.gmask, b.gprev};
 }
 
 }  // namespace
