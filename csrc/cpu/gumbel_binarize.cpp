@@ -1,9 +1,11 @@
 // gumbel_binarize on CPU: hard Gumbel mask forward and straight-through backward, the
 // logistic noise generated in-kernel from csrc/philox.h and recomputed in backward.
 //
-// Work is cut into tiles of whole Philox blocks. A tile first fills small buffers with its
-// Philox words and their noise (SIMD loops, see AIM_SIMD_CLONES), then a loop applies the
-// noise to the tile's elements in their dtype.
+// Work is cut into tiles of whole Philox blocks. A tile first fills a small buffer with its
+// Philox words (AVX-512 intrinsics where available), then either the exact noise (SIMD
+// loops, see AIM_SIMD_CLONES) is applied to the tile's elements in their dtype, or, for
+// float32 with AVX-512, fused loops go from the words straight to the mask
+// (mask_f32_avx512) or the gradient (st_grad_f32_avx512, also used for the half types).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -89,7 +91,8 @@ __attribute__((target("avx512f"))) void fill_words_avx512(uint64_t seed, uint64_
     PhiloxState s[kGroups];
     for (int g = 0; g < kGroups; ++g) {
       // Round 0 with c2 = c3 = 0: the c2 product is zero.
-      const __m512i block = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(first_block + i + kLanes * g)), iota);
+      const uint64_t first = first_block + static_cast<uint64_t>(i + kLanes * g);
+      const __m512i block = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(first)), iota);
       const __m512i p0 = _mm512_mul_epu32(block, m0);
       s[g].c0 = _mm512_xor_si512(_mm512_srli_epi64(block, 32), k0[0]);
       s[g].c1 = _mm512_setzero_si512();
@@ -175,12 +178,12 @@ AIM_AVX512_TARGET inline __m512 log_avx512(__m512 x) {
 
 // Forward mask of count float32 elements from their Philox words, exactly
 // (a + noise >= 0 with noise = philox::logistic_noise(word)) but mostly without the exact
-// noise: log_avx512 of the same q (the division is correctly rounded, so q is exact) is
-// within kMaskMargin / 25 of portable_log(q) for every one of the 2^23 possible words
-// (checked exhaustively), so a >= (kMaskMargin - approx) already means a + noise > 0, and
-// a < (-kMaskMargin - approx) means a + noise < 0 (the two subtractions add at most one
-// rounding of 2^-20 at |noise| < 16.7). The rare lanes in between (about 5e-5 of them)
-// take the exact scalar noise.
+// noise: log_avx512 of the same q (one correctly rounded division, so the same value as in
+// logistic_noise) is within 4.8e-7 (about kMaskMargin / 200) of portable_log(q) for every
+// one of the 2^23 possible words (checked exhaustively with a C++ harness), so
+// a >= (kMaskMargin - approx) already means a + noise > 0 and a < (-kMaskMargin - approx)
+// means a + noise < 0 (the subtraction adds at most one rounding of 2^-20 at |noise| < 16.7).
+// The rare lanes in between (about 5e-5 of them) take the exact scalar noise.
 constexpr float kMaskMargin = 1e-4f;
 
 AIM_AVX512_TARGET void mask_f32_avx512(const uint32_t* __restrict__ words, const float* __restrict__ a,
@@ -360,7 +363,9 @@ at::Tensor gumbel_binarize_cpu(const at::Tensor& logits_in, double temperature, 
         // Generic (auto) so that the discarded `if constexpr` branch is not instantiated.
         for_each_tile<true>(numel, training, seed_value(training, seed), offset,
                             [&](auto jb, int64_t je, const uint32_t* words) {
-                              if constexpr (std::is_same_v<scalar_t, float>) mask_f32_avx512(words, x + jb, y + jb, je - jb);
+                              if constexpr (std::is_same_v<scalar_t, float>) {
+                                mask_f32_avx512(words, x + jb, y + jb, je - jb);
+                              }
                             });
         return;
       }
