@@ -19,6 +19,7 @@
 
 #include "../gumbel_binarize.h"
 #include "../philox.h"
+#include "avx512_math.h"
 
 namespace aim_kernels {
 namespace {
@@ -144,43 +145,11 @@ AIM_SIMD_CLONES void st_grad_f32(const float* __restrict__ a, const float* __res
 }
 
 #if defined(AIM_AVX512_PHILOX)
-// The straight-through gradient of the float32 path straight from the Philox words, in
-// AVX-512 with FMA: the noise is rebuilt with getmant/getexp and the Cephes logf polynomial,
-// the exponential is Cephes expf with vscalefps, and 1/t is a multiply. No bit-exactness is
-// promised for the gradient (only the noise that decides the mask is exact), so this is
-// allowed to round differently from portable_log/portable_exp: both are within ~2 ulp, the
-// gradient within float tolerance of the reference, at about 70% of the cost of the exact
-// no-FMA path plus its separate noise pass.
-#define AIM_AVX512_TARGET __attribute__((target("avx512f,avx512dq,fma")))
-AIM_AVX512_TARGET inline __m512 log_avx512(__m512 x) {
-  // x = m 2^e with m in [sqrt(1/2), sqrt(2)): getmant gives [0.5, 1), doubled below sqrt(1/2).
-  __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_p5_1, _MM_MANT_SIGN_src);
-  __m512 e = _mm512_add_ps(_mm512_getexp_ps(x), _mm512_set1_ps(1.0f));
-  const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  m = _mm512_mask_add_ps(m, small, m, m);
-  e = _mm512_mask_sub_ps(e, small, e, _mm512_set1_ps(1.0f));
-  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
-  const __m512 z = _mm512_mul_ps(f, f);
-  __m512 p = _mm512_set1_ps(7.0376836292e-2f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.1514610310e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.1676998740e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.2420140846e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.4249322787e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.6668057665e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.0000714765e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-2.4999993993e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(3.3333331174e-1f));
-  __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, f), z);
-  y = _mm512_fmadd_ps(e, _mm512_set1_ps(philox::kLn2Lo), y);
-  y = _mm512_fmadd_ps(z, _mm512_set1_ps(-0.5f), y);
-  return _mm512_fmadd_ps(e, _mm512_set1_ps(philox::kLn2Hi), _mm512_add_ps(f, y));
-}
-
 // Forward mask of count float32 elements from their Philox words, exactly
 // (a + noise >= 0 with noise = philox::logistic_noise(word)) but mostly without the exact
 // noise: log_avx512 of the same q (one correctly rounded division, so the same value as in
 // logistic_noise) is within 4.8e-7 (about kMaskMargin / 200) of portable_log(q) for every
-// one of the 2^23 possible words (checked exhaustively with a C++ harness), so
+// one of the 2^23 possible words (tests/test_gumbel_avx512_log.py checks them all), so
 // a >= (kMaskMargin - approx) already means a + noise > 0 and a < (-kMaskMargin - approx)
 // means a + noise < 0 (the subtraction adds at most one rounding of 2^-20 at |noise| < 16.7).
 // The rare lanes in between (about 5e-5 of them) take the exact scalar noise.
@@ -215,6 +184,13 @@ AIM_AVX512_TARGET void mask_f32_avx512(const uint32_t* __restrict__ words, const
     }
   }
 }
+
+// The straight-through gradient of the float32 path straight from the Philox words, in
+// AVX-512 with FMA: the noise is rebuilt with log_avx512, the exponential is Cephes expf with
+// vscalefps, and 1/t is a multiply. No bit-exactness is promised for the gradient (only the
+// noise that decides the mask is exact), so this is allowed to round differently from
+// portable_log/portable_exp: both are within ~2 ulp, the gradient within float tolerance of
+// the reference, at about 70% of the cost of the exact no-FMA path plus its noise pass.
 
 // exp(x) for x in [-87, 0] (NaN passes through).
 AIM_AVX512_TARGET inline __m512 exp_nonpositive_avx512(__m512 x) {
