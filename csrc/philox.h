@@ -25,8 +25,9 @@
 // -ffp-contract=off; CUDA: the __f*_rn intrinsics below; Triton: enable_fp_fusion=False), so
 // the noise, and hence the mask (logit + noise >= 0, whose sign is exact in IEEE addition),
 // are bit-identical on CPU, CUDA, Triton and the PyTorch reference. The straight-through
-// gradient uses portable_exp the same way (float32 bit-identical across the kernels; the
-// reference uses torch.sigmoid, so kernels match it within float tolerance).
+// gradient is not bit-exact: CUDA, Triton and the C++ fallback use portable_exp the same way
+// (bit-identical among themselves), the C++ AVX-512 path FMA log/exp (faster, also within
+// 2 ulp), the reference torch.sigmoid; they agree within float tolerance.
 #pragma once
 
 #include <cstdint>

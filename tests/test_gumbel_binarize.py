@@ -120,6 +120,21 @@ def test_noise_is_bit_identical_to_reference():
     assert not aim_kernels.gumbel_binarize(below, seed=seed, offset=offset).any()
 
 
+def test_mask_exact_near_and_across_the_decision_margin():
+    """The float32 CPU kernel decides most elements from an approximate noise within a margin
+    of 1e-4 and recomputes the exact noise only for elements closer than that: logits spread
+    from well inside to well outside the margin around -noise (and NaN) must still give
+    exactly the reference mask."""
+    numel, seed, offset = 1 << 18, 2718, 3
+    noise = reference.logistic_noise(numel, seed, offset)
+    gen = torch.Generator().manual_seed(5)
+    scale = torch.tensor([1e-7, 1e-5, 9e-5, 1.1e-4, 1e-3, 1.0])[torch.randint(0, 6, (numel,), generator=gen)]
+    logits = -noise + scale * torch.randn(numel, generator=gen)
+    logits[::1001] = math.nan
+    expected = reference.gumbel_binarize(logits, 1.0, True, seed_tensor(seed), offset)
+    assert torch.equal(aim_kernels.gumbel_binarize(logits, seed=seed, offset=offset), expected)
+
+
 def test_explicit_seed_is_reproducible_and_offsets_address_one_stream():
     logits = torch.zeros(1000)
     a = aim_kernels.gumbel_binarize(logits, seed=9, offset=0)
