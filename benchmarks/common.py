@@ -5,6 +5,7 @@ Every number is relative to something measured in the same process: the eager re
 torch.compile of the reference, and torch.add(a, b, out=c) on large float32 tensors (this
 machine's achievable elementwise bandwidth).
 """
+import csv
 import json
 import os
 import platform
@@ -86,11 +87,10 @@ def write_results(stem, rows, meta):
     base = os.path.join(os.path.dirname(__file__), "results", stem)
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    keys = list(rows[0])
-    with open(base + ".csv", "w") as f:
-        f.write(",".join(keys) + "\n")
-        for r in rows:
-            f.write(",".join(str(r[k]) for k in keys) + "\n")
+    with open(base + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))  # quotes fields that hold commas
+        writer.writeheader()
+        writer.writerows(rows)
     return base + ".json", base + ".csv"
 
 
