@@ -50,7 +50,7 @@ def child(quick):
         for name, fn in providers.items():
             fns[(name, "forward")] = lambda fn=fn: _no_grad_call(fn, feat, mask, prev)
             fns[(name, "forward+backward")] = lambda fn=fn: torch.autograd.grad(fn(feat, mask, prev), (feat, mask, prev), grad)
-        stats = common.time_interleaved(fns, rounds=8 if quick else 15)
+        stats = common.time_interleaved(fns, rounds=8 if quick else 30)
         bandwidth = add_bytes / (stats.pop("torch.add")["median_ms"] * 1e-3) / 1e9
         for (name, mode), t in stats.items():
             gbs = nbytes[mode] / (t["median_ms"] * 1e-3) / 1e9
