@@ -81,7 +81,7 @@ def child(quick, threads):
         grad = torch.randn(shape)
         fns = {}
         for name, fn in providers.items():
-            fns[(name, "forward")] = lambda fn=fn: _no_grad_call(fn, logits)
+            fns[(name, "forward")] = lambda fn=fn: common.no_grad_call(fn, logits)
             fns[(name, "forward+backward")] = lambda fn=fn: torch.autograd.grad(fn(logits), logits, grad)
         stats = common.time_interleaved(fns, rounds=8 if quick else 30, warmup=3)
         memory = {name: saved_bytes(fn, logits) for name, fn in providers.items()}
@@ -96,20 +96,6 @@ def child(quick, threads):
     print(json.dumps(rows))
 
 
-def _no_grad_call(fn, *args):
-    with torch.no_grad():
-        return fn(*args)
-
-
-def add_speedups(rows):
-    by_key = {(r["allocator"], r["shape"], r["mode"], r["provider"]): r for r in rows}
-    for r in rows:
-        key = (r["allocator"], r["shape"], r["mode"])
-        r["x_vs_eager"] = by_key[key + ("eager",)]["median_ms"] / r["median_ms"]
-        r["x_vs_compile"] = by_key[key + ("torch.compile",)]["median_ms"] / r["median_ms"]
-        r["saved_vs_logits"] = r["saved_bytes"] / r["logits_bytes"]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
@@ -118,7 +104,9 @@ def main():
     if os.environ.get(common.CHILD_ENV_FLAG):
         return child(args.quick, args.threads)
     rows = [r for part in common.run_under_both_allocators(__file__, sys.argv[1:]) for r in part]
-    add_speedups(rows)
+    common.add_speedups(rows)
+    for r in rows:
+        r["saved_vs_logits"] = r["saved_bytes"] / r["logits_bytes"]
     common.print_table(rows, ["allocator", "threads", "shape", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
                               "x_vs_eager", "x_vs_compile", "saved_bytes", "saved_new_bytes"])
     stem = "gumbel_binarize" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")

@@ -48,7 +48,7 @@ def child(quick):
         nbytes = dict(zip(("forward", "forward+backward"), min_bytes(n, c, H, W, h, w)))
         fns = {"torch.add": add_fn}
         for name, fn in providers.items():
-            fns[(name, "forward")] = lambda fn=fn: _no_grad_call(fn, feat, mask, prev)
+            fns[(name, "forward")] = lambda fn=fn: common.no_grad_call(fn, feat, mask, prev)
             fns[(name, "forward+backward")] = lambda fn=fn: torch.autograd.grad(fn(feat, mask, prev), (feat, mask, prev), grad)
         stats = common.time_interleaved(fns, rounds=8 if quick else 30)
         bandwidth = add_bytes / (stats.pop("torch.add")["median_ms"] * 1e-3) / 1e9
@@ -63,19 +63,6 @@ def child(quick):
     print(json.dumps(rows))
 
 
-def _no_grad_call(fn, *args):
-    with torch.no_grad():
-        return fn(*args)
-
-
-def add_speedups(rows):
-    by_key = {(r["allocator"], r["shape"], r["mode"], r["provider"]): r for r in rows}
-    for r in rows:
-        key = (r["allocator"], r["shape"], r["mode"])
-        r["x_vs_eager"] = by_key[key + ("eager",)]["median_ms"] / r["median_ms"]
-        r["x_vs_compile"] = by_key[key + ("torch.compile",)]["median_ms"] / r["median_ms"]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small shape, for a smoke run")
@@ -83,7 +70,7 @@ def main():
     if os.environ.get(common.CHILD_ENV_FLAG):
         return child(args.quick)
     rows = [r for part in common.run_under_both_allocators(__file__, sys.argv[1:]) for r in part]
-    add_speedups(rows)
+    common.add_speedups(rows)
     common.print_table(rows, ["allocator", "shape", "mode", "provider", "median_ms", "GB/s", "frac_of_add_bw",
                               "x_vs_eager", "x_vs_compile"])
     baselines = {(r["allocator"], r["shape"]): r["add_bw_GB/s"] for r in rows}

@@ -94,6 +94,21 @@ def write_results(stem, rows, meta):
     return base + ".json", base + ".csv"
 
 
+def no_grad_call(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+def add_speedups(rows, baselines=(("x_vs_eager", "eager"), ("x_vs_compile", "torch.compile"))):
+    """Adds, to every row, its speed relative to each baseline provider measured for the same
+    allocator setting, shape and mode (baseline median / row median)."""
+    by_key = {(r["allocator"], r["shape"], r["mode"], r["provider"]): r for r in rows}
+    for r in rows:
+        key = (r["allocator"], r["shape"], r["mode"])
+        for column, provider in baselines:
+            r[column] = by_key[key + (provider,)]["median_ms"] / r["median_ms"]
+
+
 def print_table(rows, columns):
     widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
