@@ -10,24 +10,57 @@ BACKBONE_NAMES = RESNETS + CONVNEXTS
 
 
 class StageBackbone(nn.Module):
-    """Runs a stem and then each stage in turn; returns the list of stage outputs, finest first."""
+    """A classifier's feature layers under their own parameter names, returning the stage maps,
+    finest first (as torchvision's ``IntermediateLayerGetter`` does for detection backbones).
 
-    def __init__(self, stem, stages):
+    ``layers``: the model's children to run, in order, by their names in the model (so a state
+    dict of the full classifier loads with ``strict=True`` once its head keys are dropped);
+    ``return_layers``: the names whose outputs are the stages. A name "a.i" returns the output
+    of item i of the sequential child "a" (ConvNeXt keeps its stages inside ``features``).
+    """
+
+    def __init__(self, layers, return_layers):
         super().__init__()
-        self.stem = stem
-        self.stages = nn.ModuleList(stages)
+        for name, module in layers.items():
+            self.add_module(name, module)
+        self.return_layers = tuple(return_layers)
+        known = set(self._steps())
+        unknown = [name for name in self.return_layers if name not in known]
+        if unknown:
+            raise ValueError(f"return_layers {unknown} are not among the layers {sorted(known)}")
+
+    def _steps(self):
+        """(name, module) in execution order; sequential children whose items are returned are
+        run item by item."""
+        unrolled = {name.split(".")[0] for name in self.return_layers if "." in name}
+        steps = {}
+        for name, child in self.named_children():
+            if name in unrolled:
+                steps.update((f"{name}.{i}", item) for i, item in enumerate(child))
+            else:
+                steps[name] = child
+        return steps
 
     def forward(self, x):
-        x = self.stem(x)
         outputs = []
-        for stage in self.stages:
-            x = stage(x)
-            outputs.append(x)
+        last = self.return_layers[-1]
+        for name, module in self._steps().items():
+            x = module(x)
+            if name in self.return_layers:
+                outputs.append(x)
+                if name == last:
+                    break
         return outputs
+
+    @property
+    def last_stage(self):
+        """The module whose output is the coarsest stage map (GradCAM's layer)."""
+        return self._steps()[self.return_layers[-1]]
 
 
 def build_backbone(name, weights=None):
-    """The feature stages of a torchvision classifier by name, as a :class:`StageBackbone`.
+    """The feature stages of a torchvision classifier by name, as a :class:`StageBackbone` with
+    torchvision's parameter names (``conv1.weight``, ``layer1.0.conv1.weight``, ``features.1.0...``).
 
     ``weights`` is passed to ``torchvision.models.get_model`` unchanged (e.g. ``"DEFAULT"`` or a
     weights enum), so pretrained weights are downloaded by torchvision for users with network;
@@ -39,12 +72,15 @@ def build_backbone(name, weights=None):
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)} or pass an nn.Module")
     model = torchvision.models.get_model(name, weights=weights)
     if name in RESNETS:
-        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
-        return StageBackbone(stem, [model.layer1, model.layer2, model.layer3, model.layer4])
-    # ConvNeXt: features[0] is the stem, then (stage, downsample) pairs; the downsample layer
-    # opens the next stage so each stage output is at the resolution of its blocks.
-    f = model.features
-    return StageBackbone(f[0], [f[1], nn.Sequential(f[2], f[3]), nn.Sequential(f[4], f[5]), nn.Sequential(f[6], f[7])])
+        layers = OrderedDict((n, getattr(model, n)) for n in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"))
+        return StageBackbone(layers, ["layer1", "layer2", "layer3", "layer4"])
+    # ConvNeXt: features[0] is the stem, then (stage, downsample) pairs; a stage map is the
+    # output of a stage's blocks, before the next downsampling layer.
+    return StageBackbone(OrderedDict(features=model.features), ["features.1", "features.3", "features.5", "features.7"])
+
+
+# Parameters of a torchvision classifier's head, which a backbone does not have.
+HEAD_PREFIXES = ("fc.", "classifier.")
 
 
 class SmallConvNet(StageBackbone):
@@ -59,7 +95,7 @@ class SmallConvNet(StageBackbone):
         for width in widths:
             stages.append(nn.Sequential(*conv(cin, width, 2), *conv(width, width, 1)))
             cin = width
-        super().__init__(nn.Identity(), stages)
+        super().__init__(OrderedDict(stages=nn.Sequential(*stages)), [f"stages.{i}" for i in range(len(widths))])
         self.widths = tuple(widths)
 
 
@@ -87,3 +123,46 @@ def probe_stage_channels(backbone, in_channels=3, size=64):
     finally:
         backbone.train(was_training)
     return [t.shape[1] for t in stages.values()]
+
+
+class BaselineClassifier(nn.Module):
+    """The baseline: the same backbone, global average pool of its last stage, linear."""
+
+    def __init__(self, backbone, num_classes, channels=None):
+        super().__init__()
+        self.backbone = backbone
+        channels = channels if channels is not None else probe_stage_channels(backbone)[-1]
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, images):
+        return self.fc(as_stage_dict(self.backbone(images)).popitem()[1].mean(dim=(2, 3)))
+
+
+def backbone_state_from(state, source):
+    """The backbone entries of a torchvision classifier's state dict (its head dropped) or of
+    an ``aim train`` checkpoint of either model kind (its ``backbone.`` entries). ``source``
+    names the file in errors."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{source}: expected a state dict or an `aim train` checkpoint, got {type(state).__name__}")
+    if "model" in state and "config" in state:  # an `aim train` checkpoint
+        prefix = "backbone."
+        return {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+
+
+def load_backbone_weights(backbone, state, source):
+    """Load :func:`backbone_state_from` into ``backbone`` with ``strict=True``; a state that
+    matches no parameter name, or leaves some missing, is a ValueError naming ``source``."""
+    weights = backbone_state_from(state, source)
+    expected = backbone.state_dict().keys()
+    if not weights.keys() & expected:
+        raise ValueError(f"{source}: none of its {len(weights)} entries names a parameter of the backbone "
+                         f"(e.g. {next(iter(weights), '(empty)')!r} vs {next(iter(expected))!r}): a different architecture?")
+    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source}: does not fit the backbone: {len(missing)} missing (e.g. {missing[:3]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    try:
+        backbone.load_state_dict(weights, strict=True)
+    except RuntimeError as error:  # shape mismatches
+        raise ValueError(f"{source}: does not fit the backbone: {str(error).splitlines()[-1].strip()}") from None

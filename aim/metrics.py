@@ -24,23 +24,31 @@ def mask_active_fraction(mask):
     return mask.detach().flatten(1).float().mean(dim=1)
 
 
-def energy_pointing_game(mask, boxes, image_size):
-    """Per image, the fraction of mask energy that falls inside the object's box.
+def energy_pointing_game(attribution, foreground, mode="nearest"):
+    """Per image, the fraction of the non-negative attribution energy that falls inside the
+    ground-truth foreground (Score-CAM's energy-based pointing game).
 
-    The (N, 1, h, w) mask is upsampled to the (H, W) image with nearest (the same rule the
-    top-down pathway uses), so each mask entry counts for the pixels it covers; boxes are
-    (N, 4) x0, y0, x1, y1 in pixels, end exclusive. An image whose mask is empty points
-    nowhere and scores 0.
+    attribution: (N, 1, h, w) map (a binary mask, a GradCAM map), upsampled to the foreground's
+    (H, W) with ``mode`` ("nearest" for masks, as the top-down pathway applies them; "bilinear"
+    for GradCAM); foreground: (N, H, W) or (N, 1, H, W), nonzero inside. An image whose map has
+    no energy points nowhere and scores 0. Average over the images that have a foreground
+    (``foreground.flatten(1).any(1)``).
     """
-    energy = F.interpolate(mask.detach().float(), size=image_size, mode="nearest")[:, 0]
-    height, width = image_size
-    ys = torch.arange(height, device=energy.device).view(1, height, 1)
-    xs = torch.arange(width, device=energy.device).view(1, 1, width)
-    b = boxes.to(energy.device).view(-1, 4, 1, 1)
-    inside = (xs >= b[:, 0]) & (xs < b[:, 2]) & (ys >= b[:, 1]) & (ys < b[:, 3])
+    foreground = foreground.reshape(foreground.shape[0], *foreground.shape[-2:]).to(attribution.device) != 0
+    kwargs = {} if mode == "nearest" else {"align_corners": False}
+    energy = F.interpolate(attribution.detach().float(), size=foreground.shape[-2:], mode=mode, **kwargs)[:, 0].clamp_min(0)
     total = energy.flatten(1).sum(dim=1)
-    in_box = (energy * inside).flatten(1).sum(dim=1)
-    return torch.where(total > 0, in_box / total.clamp_min(1e-12), torch.zeros_like(total))
+    inside = (energy * foreground).flatten(1).sum(dim=1)
+    return torch.where(total > 0, inside / total.clamp_min(1e-12), torch.zeros_like(total))
+
+
+def boxes_to_foreground(boxes, image_size):
+    """(N, H, W) uint8 foregrounds from (N, 4) boxes x0, y0, x1, y1 in pixels, end exclusive."""
+    height, width = image_size
+    ys = torch.arange(height, device=boxes.device).view(1, height, 1)
+    xs = torch.arange(width, device=boxes.device).view(1, 1, width)
+    b = boxes.view(-1, 4, 1, 1)
+    return ((xs >= b[:, 0]) & (xs < b[:, 2]) & (ys >= b[:, 1]) & (ys < b[:, 3])).to(torch.uint8)
 
 
 def box_area_fraction(boxes, image_size):

@@ -32,3 +32,13 @@ def added_cost(backbone, depth=2, image_size=224, num_classes=2, **aim_kwargs):
     aim_flops, plain_flops = count_flops(model, images), count_flops(plain, images)
     return {"aim_params": aim_params, "plain_params": plain_params, "added_params": aim_params - plain_params,
             "aim_flops": aim_flops, "plain_flops": plain_flops, "added_flops": aim_flops - plain_flops}
+
+
+def command_profile(args):
+    """``aim profile``: print what :func:`added_cost` measures."""
+    cost = added_cost(args.backbone, depth=args.depth, image_size=args.image_size, num_classes=args.num_classes)
+    print(f"AIM[{args.depth}] on {args.backbone} at {args.image_size}x{args.image_size}, {args.num_classes} classes")
+    print(f"  parameters: plain {cost['plain_params'] / 1e6:.2f} M, AIM {cost['aim_params'] / 1e6:.2f} M, added {cost['added_params'] / 1e6:.2f} M")
+    print(f"  FLOPs (torch.utils.flop_counter, 2 per multiply-add): plain {cost['plain_flops'] / 1e9:.2f} G, "
+          f"AIM {cost['aim_flops'] / 1e9:.2f} G, added {cost['added_flops'] / 1e9:.3f} G "
+          f"(= {cost['added_flops'] / 2e9:.3f} G multiply-adds, the convention of the paper's 4.5 G for ConvNeXt-T)")

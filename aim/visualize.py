@@ -29,3 +29,33 @@ def save_mask_overlay(images, masks, boxes, path):
     import torchvision
 
     torchvision.utils.save_image(mask_overlay_grid(images, masks, boxes), path)
+
+
+def save_curves(history, path):
+    """curves.png: loss, accuracies and mask active fractions per epoch of a training log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [row["loss"] for row in history], marker="o")
+    axes[0].set_title("training loss")
+    axes[1].plot(epochs, [row["train_accuracy"] for row in history], marker="o", label="train")
+    axes[1].plot(epochs, [row["val"]["accuracy"] for row in history], marker="o", label="val")
+    if history[-1]["val"]["worst_group_accuracy"] is not None:
+        axes[1].plot(epochs, [row["val"]["worst_group_accuracy"] for row in history], marker="o", label="val worst group")
+    axes[1].set_title("accuracy")
+    axes[1].legend()
+    if history[-1]["mask_active_fraction"]:
+        for stage in history[-1]["mask_active_fraction"]:
+            axes[2].plot(epochs, [row["mask_active_fraction"][stage] for row in history], marker="o", label=f"stage {stage}")
+        axes[2].plot(epochs, [row["tau"] for row in history], linestyle="--", color="gray", label="tau")
+        axes[2].legend()
+    axes[2].set_title("mask active fraction (train)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

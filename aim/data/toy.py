@@ -32,6 +32,15 @@ class ToySplit(NamedTuple):
     def __len__(self):
         return self.labels.shape[0]
 
+    def as_dataset(self):
+        """The split for the training loop and evaluation, object boxes as foregrounds."""
+        from aim.data.common import TensorDataset
+        from aim.metrics import boxes_to_foreground
+
+        group_names = [f"{c}/{b}" for c in CLASS_NAMES for b in BACKGROUND_NAMES]
+        foregrounds = boxes_to_foreground(self.boxes, tuple(self.images.shape[-2:])).unsqueeze(1)
+        return TensorDataset(self.images, self.labels, self.groups, CLASS_NAMES, group_names, foregrounds)
+
 
 def make_toy_split(num_images, image_size=64, spurious_correlation=0.95, seed=0):
     """Generate a split; ``spurious_correlation`` is P(background == label) (0.5: independent)."""

@@ -1,0 +1,58 @@
+"""Image decoding and the transforms.v2 pipelines, with group_DRO's defaults: train
+RandomResizedCrop(S, scale=(0.7, 1)) + horizontal flip; eval resize to S*256/224 (square, as
+group_DRO does) then center-crop S; ImageNet normalization."""
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(image_size):
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(image_size, scale=(0.7, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip(), *_to_normalized_float()])
+
+
+def eval_transform(image_size):
+    resized = int(image_size * 256 / 224)
+    return v2.Compose([v2.ToImage(), v2.Resize((resized, resized), antialias=True), v2.CenterCrop(image_size),
+                       *_to_normalized_float()])
+
+
+def _to_normalized_float():
+    # ToDtype with one dtype converts images only: a tv_tensors.Mask passes through as is.
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def denormalize(images):
+    """Normalized (N, 3, H, W) images back to [0, 1] for display."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+def load_image(path, check=False):
+    """An RGB PIL image; ``check`` decodes it at reduced size only (JPEG draft mode still reads
+    the whole stream, so truncation is found) and returns None."""
+    with Image.open(path) as image:
+        if check:
+            image.draft("RGB", (64, 64))
+            image.load()
+            return None
+        return image.convert("RGB")
+
+
+def load_foreground(path, size, check=False):
+    """A foreground mask (any pixel > 0 is foreground) as a (1, H, W) uint8 tv_tensors.Mask;
+    ``size`` (width, height) of the image it belongs to, for a mask stored at another size."""
+    with Image.open(path) as mask:
+        if check:
+            mask.load()
+            return None
+        mask = mask.convert("L")
+        if size is not None and mask.size != size:
+            mask = mask.resize(size, Image.NEAREST)
+        return tv_tensors.Mask((torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8)
+                                .view(1, mask.size[1], mask.size[0]) > 0).to(torch.uint8))

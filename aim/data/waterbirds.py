@@ -1,0 +1,62 @@
+"""The WaterBirds layout (kohpangwei/group_DRO data/cub_dataset.py): ``DIR/metadata.csv`` with
+columns img_filename, y, split (0 train, 1 val, 2 test) and place; the group of a sample is
+2 * y + place. Image paths are relative to DIR."""
+import csv
+import os
+
+from aim.data.common import DataError, FileDataset
+
+SPLITS = {"train": 0, "val": 1, "test": 2}
+REQUIRED_COLUMNS = ("img_filename", "y", "split", "place")
+CLASS_NAMES = ("landbird", "waterbird")
+PLACE_NAMES = ("land", "water")
+GROUP_NAMES = tuple(f"{c}/{p}" for c in CLASS_NAMES for p in PLACE_NAMES)
+
+
+def read_metadata(root):
+    """Rows of metadata.csv as (line number, img_filename, y, split, place), every value checked."""
+    path = os.path.join(root, "metadata.csv")
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                                f"(needs {', '.join(REQUIRED_COLUMNS)})")
+            rows = []
+            for row in reader:
+                line = reader.line_num
+                values = [_int(row, column, path, line) for column in ("y", "split", "place")]
+                for column, value, allowed in zip(("y", "split", "place"), values, (CLASS_NAMES, SPLITS, PLACE_NAMES)):
+                    if not 0 <= value < len(allowed):
+                        raise DataError(f"{path} line {line}: {column} = {value} is out of range (0..{len(allowed) - 1})")
+                if not row["img_filename"]:
+                    raise DataError(f"{path} line {line}: empty img_filename")
+                rows.append((line, row["img_filename"], *values))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: not a readable CSV file ({error})") from None
+    return rows
+
+
+def _int(row, column, path, line):
+    value = row[column]
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path} line {line}: {column} = {value!r} is not an integer") from None
+
+
+def waterbirds_split(root, split, transform, segmentations=None):
+    """One split as a :class:`FileDataset`; with ``segmentations``, the foreground of
+    ``img_filename`` is ``segmentations/<img_filename with suffix .png>``."""
+    rows = [r for r in read_metadata(root) if r[3] == SPLITS[split]]
+    if not rows:
+        raise DataError(f"{os.path.join(root, 'metadata.csv')}: the {split} split (split = {SPLITS[split]}) has no rows")
+    paths = [os.path.join(root, r[1]) for r in rows]
+    foregrounds = None
+    if segmentations is not None:
+        foregrounds = [os.path.join(segmentations, os.path.splitext(r[1])[0] + ".png") for r in rows]
+    return FileDataset(paths, [r[2] for r in rows], [2 * r[2] + r[4] for r in rows], CLASS_NAMES, GROUP_NAMES, transform,
+                       sources=[f"metadata.csv line {r[0]}" for r in rows], foreground_paths=foregrounds)
