@@ -347,8 +347,8 @@ def _fit(config, train_set, val_set, resume, ranks, log):
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
         active = torch.zeros(len(mask_stage_names(raw_model)), dtype=torch.float64, device=device)
         progress = _Progress(loader, epoch, config.epochs, ranks.main)
-        for images, labels, _ in loader:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        for batch in loader:  # (images, labels, groups[, foregrounds])
+            images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             if config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

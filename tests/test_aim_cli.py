@@ -32,8 +32,14 @@ def test_energy_pointing_game_and_active_fraction():
     mask[0, 0, 0, 0] = 1  # top-left cell: pixels 0..7 of a 32x32 image
     mask[0, 0, 3, 3] = 1
     boxes = torch.tensor([[0, 0, 8, 8], [0, 0, 8, 8]])
-    epg = metrics.energy_pointing_game(mask, boxes, (32, 32))
+    foreground = metrics.boxes_to_foreground(boxes, (32, 32))
+    assert foreground.shape == (2, 32, 32) and foreground[0, :8, :8].all() and foreground.sum() == 2 * 64
+    epg = metrics.energy_pointing_game(mask, foreground)
     torch.testing.assert_close(epg, torch.tensor([0.5, 0.0]))  # second image: empty mask scores 0
+    # Negative attribution is no energy; bilinear upsampling spreads a cell over its neighbours.
+    signed = torch.tensor([[[[1.0, -5.0], [0.0, 0.0]]]])
+    torch.testing.assert_close(metrics.energy_pointing_game(signed, foreground[:1, :16, :16]), torch.tensor([1.0]))
+    assert metrics.energy_pointing_game(signed, foreground[:1, :16, :16], mode="bilinear").item() < 1.0
     torch.testing.assert_close(metrics.mask_active_fraction(mask), torch.tensor([2 / 16, 0.0]))
     torch.testing.assert_close(metrics.box_area_fraction(boxes, (32, 32)), torch.tensor([1 / 16, 1 / 16]))
 
@@ -47,13 +53,16 @@ def test_group_accuracies():
 
 
 def test_demo_writes_metrics_and_mask_png(tmp_path, capsys):
-    main(["demo", "--out", str(tmp_path), "--epochs", "2", "--anneal-epochs", "1", "--train-size", "128",
-          "--test-size", "64", "--image-size", "32", "--batch-size", "32"])
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "2", "--anneal-epochs", "1", "--train-size", "128",
+                 "--test-size", "64", "--image-size", "32", "--batch-size", "32"]) == 0
     printed = capsys.readouterr().out
-    assert "worst grp" in printed and "masks.png" in printed
+    assert "worst group" in printed and "masks.png" in printed
     summary = json.loads((tmp_path / "metrics.json").read_text())
-    assert [row["tau"] for row in summary["history"]] == [1.0, 0.25]
-    assert set(summary["history"][-1]["test"]["energy_pointing_game"]) == {"2", "3"}
+    assert [row["tau"] for row in summary["aim"]["history"]] == [1.0, 0.25]
+    assert set(summary["aim"]["test"]["energy_pointing_game"]) == {"2", "3", "gradcam"}
+    assert summary["aim"]["test"]["num_samples"] == 64
+    # The demo runs through aim train's loop: its run folder is one `aim eval` reads.
+    assert (tmp_path / "aim" / "best.pt").exists() and (tmp_path / "aim" / "log.jsonl").read_text().count("\n") == 2
     png = (tmp_path / "masks.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -112,8 +112,12 @@ def check_split(dataset, split, threads=1):
 
 
 def _reason(error):
+    from PIL import UnidentifiedImageError
+
     if isinstance(error, FileNotFoundError):
         return "no such file"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file PIL knows"
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 

@@ -1,0 +1,218 @@
+"""`aim train` and `aim eval` end to end on tiny generated datasets in both layouts: outputs,
+selection on val, bad data, weights, exact resume after SIGKILL, 2-process DDP, bf16 autocast,
+channels_last and torch.compile.
+
+Runs are tiny (32x32 images, 32 training images, the SmallConvNet backbone, 1-3 epochs). Most
+run in this process through ``aim.cli.main``; those that must be separate processes (SIGKILL,
+torchrun, the no-traceback check) run ``python -m aim`` from a temporary folder, so they use
+the installed package (or PYTHONPATH during development), not the source tree by accident.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from aim.cli import main
+from test_aim_topdown import single_thread  # noqa: F401  (fixture)
+from tiny_datasets import make_folders, make_waterbirds, write_metadata
+
+TINY = ["--backbone", "small_convnet", "--topdown-channels", "16", "--mask-channels", "8", "--image-size", "32",
+        "--batch-size", "8", "--workers", "0", "--threads", "1", "--anneal-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def waterbirds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("waterbirds")
+    rows = make_waterbirds(str(root))
+    return root, rows
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folders")
+    make_folders(str(root))
+    return root
+
+
+def aim_process(*args, timeout=300, **kwargs):
+    """``python -m aim ARGS`` in a fresh process, started outside the repository."""
+    return subprocess.Popen([sys.executable, "-m", "aim", *map(str, args)], cwd=kwargs.pop("cwd", "/"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def read_log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_waterbirds_train_and_eval(waterbirds, tmp_path, capsys):
+    root, _ = waterbirds
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--out", str(run), "--segmentations", str(root / "segmentations"),
+                 "--epochs", "2", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "32 train / 16 val images, 2 classes, 4 groups" in printed
+    assert printed.count("epoch ") >= 2 and "worst group" in printed
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "aim" and config["epochs"] == 2 and {"version", "git_commit", "torch"} <= set(config)
+    log = read_log(run)
+    assert [row["epoch"] for row in log] == [1, 2] and [row["tau"] for row in log] == [1.0, 0.25]
+    for row in log:
+        assert set(row) >= {"loss", "train_accuracy", "lr", "tau", "mask_active_fraction", "val", "time_s"}
+        assert set(row["mask_active_fraction"]) == {"2", "3"} and set(row["val"]["energy_pointing_game"]) == {"2", "3"}
+    # best.pt is the epoch with the best val worst-group accuracy (the first one on ties).
+    scores = [row["val"]["worst_group_accuracy"] for row in log]
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 + scores.index(max(scores))
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run / "last.pt"), "--data", str(root), "--split", "test", "--segmentations",
+                 str(root / "segmentations"), "--json", str(out), "--workers", "0"]) == 0
+    assert "worst-group accuracy" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["num_samples"] == 16 and len(result["group_accuracy"]) == 4
+    present = [a for a in result["group_accuracy"] if a is not None]
+    assert result["worst_group_accuracy"] == min(present)
+    assert result["mean_group_accuracy"] == pytest.approx(sum(present) / len(present))
+    assert set(result["mask_active_fraction"]) == {"2", "3"}
+    assert set(result["energy_pointing_game"]) == {"2", "3", "gradcam"}
+    assert all(0 <= v <= 1 for v in result["energy_pointing_game"].values())
+
+
+def test_folders_baseline_train_and_eval(folders, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(folders), "--out", str(run), "--model", "baseline", "--epochs", "1", *TINY]) == 0
+    assert "2 classes" in capsys.readouterr().out
+    row = read_log(run)[0]
+    assert row["tau"] is None and row["val"]["worst_group_accuracy"] is None
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["class_names"] == ["disk", "plus"] and best["has_groups"] is False
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run / "best.pt"), "--data", str(folders), "--split", "val", "--json", str(out), "--workers", "0"]) == 0
+    result = json.loads(out.read_text())
+    assert result["group_accuracy"] is None and result["worst_group_accuracy"] is None
+    assert len(result["class_accuracy"]) == 2 and "mask_active_fraction" not in result
+    assert result["accuracy"] == pytest.approx(row["val"]["accuracy"])  # the same model and split as the log's
+
+
+def _copy(root, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(root, copy)
+    return copy
+
+
+def _bad_waterbirds(case, root, rows):
+    rows = [dict(r) for r in rows]
+    if case == "missing column":
+        write_metadata(root, rows, columns=["img_id", "img_filename", "y", "split"])
+        return "missing column place"
+    if case == "label out of range":
+        rows[5]["y"] = 2
+        write_metadata(root, rows)
+        return "line 7: y = 2 is out of range (0..1)"
+    if case == "missing image":
+        os.remove(root / rows[3]["img_filename"])
+        return f"{rows[3]['img_filename']} (metadata.csv line 5): cannot be read as an image (no such file)"
+    if case == "corrupt image":
+        path = root / rows[4]["img_filename"]
+        path.write_bytes(path.read_bytes()[:200])  # a truncated JPEG
+        return f"{rows[4]['img_filename']} (metadata.csv line 6): cannot be read as an image"
+    if case == "empty split":
+        write_metadata(root, [r for r in rows if r["split"] != 1])
+        return "the val split (split = 1) has no rows"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing column", "label out of range", "missing image", "corrupt image", "empty split"])
+def test_bad_waterbirds_data_stops_before_training(waterbirds, tmp_path, capsys, case):
+    root, rows = waterbirds
+    data = _copy(root, tmp_path)
+    message = _bad_waterbirds(case, data, rows)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("aim train: error: ")
+    assert not run.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("case", ["unknown val class", "empty split", "corrupt image"])
+def test_bad_folder_data_stops_before_training(folders, tmp_path, capsys, case):
+    data = _copy(folders, tmp_path)
+    if case == "unknown val class":
+        shutil.copytree(data / "val" / "disk", data / "val" / "square")
+        message = "class 'square' is not among the 2 classes"
+    elif case == "empty split":
+        for image in (data / "val").rglob("*.png"):
+            image.unlink()
+        message = "the val split has no images"
+    else:
+        image = sorted((data / "train" / "plus").glob("*.png"))[1]
+        image.write_bytes(b"not an image")
+        message = f"{image}: cannot be read as an image (not an image file PIL knows)"
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not run.exists()
+
+
+def test_bad_data_in_a_fresh_process_prints_one_line_and_no_traceback(waterbirds, tmp_path):
+    root, rows = waterbirds
+    data = _copy(root, tmp_path)
+    message = _bad_waterbirds("label out of range", data, rows)
+    proc = aim_process("train", "--data", data, "--out", tmp_path / "run", *TINY)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err and err.strip().count("\n") == 0 and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_not_overwritten_without_resume(waterbirds, tmp_path, capsys):
+    root, _ = waterbirds
+    args = ["train", "--data", str(root), "--out", str(tmp_path), "--epochs", "1", *TINY]
+    assert main(args) == 0
+    before = (tmp_path / "last.pt").read_bytes()
+    assert main(args) == 2 and "pass --resume" in capsys.readouterr().err
+    assert main(args[:-len(TINY)] + [*TINY, "--lr", "0.5", "--resume"]) == 2 and "--lr 0.001 -> 0.5" in capsys.readouterr().err
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_resume_after_sigkill_ends_bit_identical(waterbirds, tmp_path):
+    """A real process killed with SIGKILL as soon as its first checkpoint is on disk (so in
+    epoch 2, or between epochs), then resumed, must end with exactly the weights, optimizer
+    state and log of an uninterrupted run."""
+    root, _ = waterbirds
+    args = ["train", "--data", str(root), "--epochs", "3", *TINY]
+    killed = tmp_path / "killed"
+    proc = aim_process(*args, "--out", killed)
+    deadline = time.monotonic() + 240
+    while not (killed / "last.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(killed / "last.pt", weights_only=True)["epoch"] < 3  # really cut short
+    resumed = aim_process(*args, "--out", killed, "--resume")
+    out, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err
+    assert "resumed" in out
+
+    uninterrupted = tmp_path / "uninterrupted"
+    whole = aim_process(*args, "--out", uninterrupted)
+    out, err = whole.communicate(timeout=240)
+    assert whole.returncode == 0, err
+    a, b = (torch.load(run / "last.pt", weights_only=True) for run in (killed, uninterrupted))
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time_s", "train_images_per_s")} for r in rows]  # noqa: E731
+    assert strip(read_log(killed)) == strip(read_log(uninterrupted))
