@@ -89,6 +89,17 @@ def build_model(config, num_classes):
     """The model a config describes, randomly initialized or with its --weights loaded into the
     backbone. A failed download of DEFAULT weights, or a weights file that does not fit, is a
     ValueError with a message for the user."""
+    backbone = build_run_backbone(config)
+    if config.model == "baseline":
+        return BaselineClassifier(backbone, num_classes)
+    return aim.AIM(backbone, num_classes=num_classes, depth=config.depth, target=config.target,
+                   out_channels=config.topdown_channels, mask_hidden_channels=config.mask_channels,
+                   temperature=config.temperature, use_reference=config.use_reference)
+
+
+def build_run_backbone(config):
+    """The backbone with --weights loaded (``aim train`` calls it first of all, so bad weights
+    stop the run before the data is read)."""
     if config.backbone == SMALL_BACKBONE:
         if config.weights == "DEFAULT":
             raise ValueError(f"--weights DEFAULT: torchvision has no pretrained {SMALL_BACKBONE}; use --weights none or PATH")
@@ -96,12 +107,8 @@ def build_model(config, num_classes):
     else:
         backbone = _torchvision_backbone(config.backbone, config.weights)
     if config.weights not in ("none", "DEFAULT"):
-        load_backbone_weights(backbone, _load_file(config.weights), config.weights)
-    if config.model == "baseline":
-        return BaselineClassifier(backbone, num_classes)
-    return aim.AIM(backbone, num_classes=num_classes, depth=config.depth, target=config.target,
-                   out_channels=config.topdown_channels, mask_hidden_channels=config.mask_channels,
-                   temperature=config.temperature, use_reference=config.use_reference)
+        load_backbone_weights(backbone, _load_file(config.weights), f"--weights {config.weights}")
+    return backbone
 
 
 def _torchvision_backbone(name, weights):
@@ -452,6 +459,8 @@ def command_train(args):
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
     config.check()
+    if config.weights != "none":
+        build_run_backbone(config)  # a download that cannot happen, or a file that does not fit, fails now
     threads = max(1, config.workers)
     train_set = open_split(config.data, "train", config.image_size, augment=True, check_threads=threads)
     val_set = open_split(config.data, "val", config.image_size, segmentations=config.segmentations, check_threads=threads)
