@@ -466,6 +466,7 @@ def command_train(args):
     val_set = open_split(config.data, "val", config.image_size, segmentations=config.segmentations, check_threads=threads)
     if val_set.class_names != train_set.class_names:
         raise ValueError(f"{config.data}: the val split's classes differ from the train split's")
-    print(f"data: {config.data} ({type(train_set).__name__}), {len(train_set)} train / {len(val_set)} val images, "
-          f"{train_set.num_classes} classes" + (f", {train_set.num_groups} groups" if train_set.has_groups else ""), flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"data: {config.data} ({type(train_set).__name__}), {len(train_set)} train / {len(val_set)} val images, "
+              f"{train_set.num_classes} classes" + (f", {train_set.num_groups} groups" if train_set.has_groups else ""), flush=True)
     fit(config, train_set, val_set, resume=args.resume)

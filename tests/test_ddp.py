@@ -1,0 +1,84 @@
+"""`aim train` under torchrun: 2 CPU processes (gloo) against one process with the same global
+batch, and resume of a 2-process run killed with SIGKILL.
+
+Why the baseline with --freeze-bn for the equivalence: DDP averages per-rank gradients, which
+equals the one-process gradient only when each sample's loss does not depend on the rest of
+its batch. BatchNorm in training mode normalizes with per-rank batch statistics
+(SyncBatchNorm, which would share them, runs only on GPUs), so BatchNorm is frozen to its
+running statistics. AIM is not batch-separable either: its mask loss (r_l - tau)^2 is a square
+of a batch mean, and each rank draws its own Gumbel noise; so AIM under DDP is checked for
+exact resume, not for equality with one process.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from aim.cli import main
+from test_train import TINY, read_log
+from tiny_datasets import make_waterbirds
+
+
+@pytest.fixture(scope="module")
+def waterbirds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("waterbirds")
+    make_waterbirds(str(root))
+    return root
+
+
+def torchrun(*args):
+    """``torchrun --standalone --nproc-per-node 2 -m aim ARGS`` (the same as ``torchrun
+    --no-python ... aim ARGS`` with the console script)."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "aim", *map(str, args)], cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(proc):
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(waterbirds, tmp_path):
+    args = ["train", "--data", waterbirds, "--model", "baseline", "--freeze-bn", "--epochs", "2", *TINY]
+    out = finish(torchrun(*args, "--out", tmp_path / "ddp"))
+    assert out.count("data: ") == 1  # rank 0 alone prints and writes
+    assert main([str(a) for a in args] + ["--out", str(tmp_path / "single")]) == 0
+    ddp, single = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("ddp", "single"))
+    assert len(ddp["rng"]) == 2 and len(single["rng"]) == 1
+    for key, value in single["model"].items():
+        # Float tolerance: the two ranks' gradients are summed in another order than one batch's.
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for a, b in zip(read_log(tmp_path / "ddp"), read_log(tmp_path / "single")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["train_accuracy"] == b["train_accuracy"]  # reduced over ranks: every sample counted once
+        assert a["val"]["group_accuracy"] == b["val"]["group_accuracy"]
+
+
+def test_two_process_aim_run_resumes_exactly_after_sigkill(waterbirds, tmp_path):
+    args = ["train", "--data", waterbirds, "--epochs", "3", *TINY]
+    killed = tmp_path / "killed"
+    proc = torchrun(*args, "--out", killed)
+    deadline = time.monotonic() + 240
+    while not (killed / "last.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # torchrun starts each worker in a session of its own: kill the workers, then torchrun.
+    workers = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert torch.load(killed / "last.pt", weights_only=True)["epoch"] < 3
+    assert "resumed" in finish(torchrun(*args, "--out", killed, "--resume"))
+    finish(torchrun(*args, "--out", tmp_path / "whole"))
+    a, b = (torch.load(run / "last.pt", weights_only=True) for run in (killed, tmp_path / "whole"))
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
