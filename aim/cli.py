@@ -41,6 +41,8 @@ def build_parser():
     train.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype (fp16: CUDA only)")
     train.add_argument("--channels-last", action="store_true")
     train.add_argument("--compile", action="store_true", help="torch.compile the whole model")
+    train.add_argument("--compile-backend", default="inductor",
+                       help="torch.compile backend (aot_eager: graph capture and AOTAutograd without code generation)")
     train.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm statistics fixed (eval mode) while training")
     train.add_argument("--threads", type=int, default=0, help="torch intra-op CPU threads (0: torch's default)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")

@@ -61,6 +61,7 @@ class TrainConfig:
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend; aot_eager checks capture without code generation
     freeze_bn: bool = False         # BatchNorm layers use their running statistics, which stay fixed
     threads: int = 0                # torch intra-op threads (0: torch's default)
     use_reference: bool = False     # plain-PyTorch reference ops instead of the fused ones
@@ -331,7 +332,7 @@ def _fit(config, train_set, val_set, resume, ranks, log):
     if ranks.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=config.compile_backend)
     from aim.data import SeededSampler
 
     per_rank_batch = config.batch_size // ranks.world_size
