@@ -1,0 +1,83 @@
+"""``aim explain``: for each image, a PNG with the image, each top-down stage's binary mask
+overlaid, GradCAM (Captum, last backbone stage) for comparison, and the predicted class with
+its probability."""
+import os
+
+import torch
+import torch.nn.functional as F
+
+from aim.evaluate import gradcam, logits_of
+from aim.model import AIMOutput
+
+
+def explain_image(model, image, class_names):
+    """Prediction, masks and GradCAM of one normalized (3, S, S) image, maps at image size."""
+    batch = image.unsqueeze(0)
+    with torch.no_grad():
+        output = model(batch)
+    probabilities = logits_of(output).float().softmax(1)[0]
+    predicted = int(probabilities.argmax())
+    size = tuple(image.shape[-2:])
+    masks = {}
+    if isinstance(output, AIMOutput):
+        masks = {name: F.interpolate(m.float(), size=size, mode="nearest")[0, 0] for name, m in output.masks.items()}
+    cam = gradcam(model, batch, torch.tensor([predicted], device=batch.device))
+    cam = F.interpolate(cam.float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    cam = cam / cam.max() if cam.max() > 0 else cam
+    return {"class": class_names[predicted], "probability": probabilities[predicted].item(), "masks": masks, "gradcam": cam}
+
+
+def save_explanation(image, explanation, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picture = image.permute(1, 2, 0).cpu().numpy()
+    panels = 2 + len(explanation["masks"])
+    fig, axes = plt.subplots(1, panels, figsize=(2.6 * panels, 2.9))
+    axes[0].imshow(picture)
+    axes[0].set_title("image")
+    for ax, (name, mask) in zip(axes[1:], explanation["masks"].items()):
+        keep = mask.cpu().numpy()[..., None]
+        ax.imshow(picture * (0.2 + 0.8 * keep))  # dropped positions dimmed
+        ax.set_title(f"mask, stage {name}\n{mask.mean().item():.0%} active", fontsize=9)
+    axes[-1].imshow(picture)
+    axes[-1].imshow(explanation["gradcam"].cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    axes[-1].set_title("GradCAM (Captum)", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def command_explain(args):
+    from aim.data import DataError
+    from aim.data.transforms import denormalize, eval_transform, load_image
+    from aim.train import load_checkpoint, model_from_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    transform = eval_transform(checkpoint["config"]["image_size"])
+    images = []
+    for path in args.images:  # every image read before anything is written
+        try:
+            images.append(transform(load_image(path)))
+        except (OSError, ValueError) as error:
+            raise DataError(f"{path}: cannot be read as an image ({str(error).splitlines()[0]})") from None
+    model = model_from_checkpoint(checkpoint, args.device)
+    os.makedirs(args.out, exist_ok=True)
+    used = set()
+    for path, image in zip(args.images, images):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, n = stem, 1
+        while name in used:  # the same file name from two folders
+            n += 1
+            name = f"{stem}_{n}"
+        used.add(name)
+        explanation = explain_image(model, image.to(args.device), checkpoint["class_names"])
+        out = os.path.join(args.out, name + ".png")
+        title = f"{os.path.basename(path)}: {explanation['class']} ({explanation['probability']:.0%})"
+        save_explanation(denormalize(image.unsqueeze(0))[0], explanation, out, title)
+        print(f"{path}: {explanation['class']} {explanation['probability']:.3f} -> {out}")
