@@ -34,7 +34,7 @@ def test_explain_writes_one_png_per_image(trained, tmp_path, capsys, kind):
     assert main(["explain", str(runs[kind] / "best.pt"), *images, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted(["train_000.png", "train_001.png", "train_000_2.png"])
+    assert names == sorted(["train_00000.png", "train_00001.png", "train_00000_2.png"])
     assert all((tmp_path / n).read_bytes()[:8] == PNG for n in names)
     assert printed.count(" -> ") == 3 and ("landbird" in printed or "waterbird" in printed)
 

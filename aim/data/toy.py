@@ -101,3 +101,51 @@ def batches(split, batch_size, shuffle, generator=None):
     for start in range(0, n, batch_size):
         index = order[start:start + batch_size]
         yield split.images[index], split.labels[index], index
+
+
+def save_waterbirds_layout(root, splits, image_format="jpg"):
+    """Write generated splits ({"train": ToySplit, "val": ..., "test": ...}) in the WaterBirds
+    layout: images/<class>/<split>_<i>.<format>, metadata.csv (img_id, img_filename, y, split,
+    place) and segmentations/<img_filename>.png holding each object's box as its foreground.
+    Returns the metadata rows."""
+    import csv
+    import os
+
+    from PIL import Image
+
+    from aim.data.waterbirds import SPLITS
+    from aim.metrics import boxes_to_foreground
+
+    rows = []
+    for split, data in splits.items():
+        foregrounds = boxes_to_foreground(data.boxes, tuple(data.images.shape[-2:]))
+        for i in range(len(data)):
+            name = f"images/{CLASS_NAMES[int(data.labels[i])]}/{split}_{i:05d}.{image_format}"
+            for folder in (root, os.path.join(root, "segmentations")):
+                os.makedirs(os.path.join(folder, os.path.dirname(name)), exist_ok=True)
+            _to_pil(data.images[i]).save(os.path.join(root, name))
+            Image.fromarray((foregrounds[i] * 255).numpy()).save(os.path.join(root, "segmentations", name.rsplit(".", 1)[0] + ".png"))
+            rows.append({"img_id": len(rows) + 1, "img_filename": name, "y": int(data.labels[i]), "split": SPLITS[split],
+                         "place": int(data.backgrounds[i])})
+    with open(os.path.join(root, "metadata.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def save_folder_layout(root, splits, image_format="png"):
+    """Write generated splits in the class-per-folder layout: <split>/<class>/<i>.<format>."""
+    import os
+
+    for split, data in splits.items():
+        for i in range(len(data)):
+            folder = os.path.join(root, split, CLASS_NAMES[int(data.labels[i])])
+            os.makedirs(folder, exist_ok=True)
+            _to_pil(data.images[i]).save(os.path.join(folder, f"{i:05d}.{image_format}"))
+
+
+def _to_pil(image):
+    from PIL import Image
+
+    return Image.fromarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
