@@ -34,9 +34,15 @@ class SampleDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is None:
             return self.load(index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # The CPU generator directly: torch.manual_seed/fork_rng also visit every other
+        # device's generators (measured 80 us a sample against 2 us).
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
             return self.load(index)
+        finally:
+            generator.set_state(state)
 
     def load(self, index):
         raise NotImplementedError
