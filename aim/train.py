@@ -472,18 +472,3 @@ def command_train(args):
               f"{train_set.num_classes} classes" + (f", {train_set.num_groups} groups" if train_set.has_groups else ""), flush=True)
     fit(config, train_set, val_set, resume=args.resume)
 
-
-def keep_freed_memory():
-    """Ask glibc malloc to serve large blocks from the heap and keep freed memory (mallopt
-    M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 2 GiB - 1): by default every fresh large tensor is
-    a new mmap whose pages fault in on first touch. Returns False where there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold, limit = -1, -3, 2**31 - 1
-    return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))
