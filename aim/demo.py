@@ -16,6 +16,8 @@ def run_demo(args):
     from aim.evaluate import evaluate, format_table
     from aim.visualize import save_mask_overlay
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     train = make_toy_split(args.train_size, args.image_size, args.spurious_correlation, seed=args.seed)
     val = make_toy_split(args.test_size, args.image_size, 0.5, seed=args.seed + 20_000)

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from aim.cli import main
-from test_aim_topdown import single_thread  # noqa: F401  (fixture)
 from tiny_datasets import make_folders, make_waterbirds, write_metadata
 
 TINY = ["--backbone", "small_convnet", "--topdown-channels", "16", "--mask-channels", "8", "--image-size", "32",
