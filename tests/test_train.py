@@ -45,6 +45,15 @@ def aim_process(*args, timeout=300, **kwargs):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def wait_for_first_checkpoint(proc, run, timeout=240):
+    """Poll until ``run/last.pt`` exists (the first epoch is done) while ``proc`` runs."""
+    deadline = time.monotonic() + timeout
+    while not (run / "last.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def read_log(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
@@ -189,11 +198,7 @@ def test_resume_after_sigkill_ends_bit_identical(waterbirds, tmp_path):
     args = ["train", "--data", str(root), "--epochs", "3", *TINY]
     killed = tmp_path / "killed"
     proc = aim_process(*args, "--out", killed)
-    deadline = time.monotonic() + 240
-    while not (killed / "last.pt").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_first_checkpoint(proc, killed)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
