@@ -220,3 +220,14 @@ def test_resume_after_sigkill_ends_bit_identical(waterbirds, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time_s", "train_images_per_s")} for r in rows]  # noqa: E731
     assert strip(read_log(killed)) == strip(read_log(uninterrupted))
+
+
+def test_loader_workers_do_not_change_the_result(waterbirds, tmp_path):
+    """Each sample's augmentation is seeded by (seed, epoch, index), so decoding in 2 worker
+    processes trains exactly as decoding in this one does."""
+    root, _ = waterbirds
+    args = ["train", "--data", str(root), "--epochs", "1", *TINY]
+    assert main(args + ["--out", str(tmp_path / "inline")]) == 0
+    assert main(args + ["--out", str(tmp_path / "workers"), "--workers", "2"]) == 0
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True)["model"] for run in ("inline", "workers"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
