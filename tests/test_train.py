@@ -231,3 +231,37 @@ def test_loader_workers_do_not_change_the_result(waterbirds, tmp_path):
     assert main(args + ["--out", str(tmp_path / "workers"), "--workers", "2"]) == 0
     a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True)["model"] for run in ("inline", "workers"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_progress_bar_on_a_terminal_only(waterbirds, tmp_path, capsys):
+    """A tqdm bar with running loss and images/s when stdout is a terminal (a pseudo-terminal
+    here); none when it is not (the in-process runs above print only the summary lines)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    root, _ = waterbirds
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "aim", "train", "--data", str(root), "--out", str(tmp_path / "tty"),
+                             "--epochs", "1", *TINY], cwd="/", stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, output
+    text = output.decode()
+    assert "epoch 1/1: 100%" in text and "img_s=" in text and "loss=" in text
+    assert text.rstrip().endswith("best epoch 1")  # the bar was cleared; the summary line stays
+
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "pipe"), "--epochs", "1", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "it/s" not in captured.out + captured.err and "epoch 1/1 | loss" in captured.out
