@@ -149,6 +149,19 @@ def test_bad_waterbirds_data_stops_before_training(waterbirds, tmp_path, capsys,
     assert not run.exists()  # nothing half-written
 
 
+def test_missing_foreground_mask_stops_before_training(waterbirds, tmp_path, capsys):
+    root, rows = waterbirds
+    data = _copy(root, tmp_path)
+    val = next(r for r in rows if r["split"] == 1)
+    mask = data / "segmentations" / (val["img_filename"][:-4] + ".png")
+    mask.unlink()
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--segmentations", str(data / "segmentations"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{mask} (foreground of {data / val['img_filename']}): cannot be read as a mask" in err
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("case", ["unknown val class", "empty split", "corrupt image"])
 def test_bad_folder_data_stops_before_training(folders, tmp_path, capsys, case):
     data = _copy(folders, tmp_path)
