@@ -257,8 +257,10 @@ def test_progress_bar_on_a_terminal_only(waterbirds, tmp_path, capsys):
     root, _ = waterbirds
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
+    # Redraw on every step: a fast epoch otherwise ends within tqdm's 0.1 s refresh interval, showing only "0%".
+    env = {**os.environ, "TQDM_MININTERVAL": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "aim", "train", "--data", str(root), "--out", str(tmp_path / "tty"),
-                             "--epochs", "1", *TINY], cwd="/", stdin=slave, stdout=slave, stderr=slave)
+                             "--epochs", "1", *TINY], cwd="/", stdin=slave, stdout=slave, stderr=slave, env=env)
     os.close(slave)
     output = b""
     while True:
