@@ -319,6 +319,7 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
                              const at::Tensor& mask_in, const std::optional<at::Tensor>& prev_in, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvGeometry g = conv_geometry(x_in, weight_in, bias, mask_in, prev_in, stride, padding, dilation, groups);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls inside are not recorded
   const at::MemoryFormat fmt = output_memory_format(x_in);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x_in.options().memory_format(fmt));
