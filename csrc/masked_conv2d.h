@@ -67,15 +67,20 @@ inline ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& weight,
 
 // Active fraction of the mask above which computing only the active positions is no faster
 // than the dense convolution, per shape class. Measured on the 2-core development machine
-// (Xeon, AVX-512, MKL; benchmarks/bench_masked_conv2d.py, stage shapes of ResNet-50 and
-// ConvNeXt-T at batch 8): see the comment at each value.
+// (Xeon, AVX-512, MKL; one thread; benchmarks/bench_masked_conv2d.py with i.i.d. masks over the
+// ResNet-50 and ConvNeXt-T stage shapes at batch 8; benchmarks/results/masked_conv2d_t1.json):
+// - 1x1 and 3x3 (GEMM): sparse/dense 1.1-2.0x at density 0.5, 0.7-1.2x at 0.75; the ratio
+//   crosses 1 at 0.66-0.70 by interpolation, so 0.6 keeps a margin against noise;
+// - depthwise 7x7, channels_last (96 ch at 56x56, 384 at 14x14): 1.6-2.5x at 0.1, 0.8-1.4x at
+//   0.25 (oneDNN's dense depthwise convolution is memory-bound and vectorized over positions,
+//   the sparse one only over channels);
+// - depthwise 7x7, NCHW: 0.9-1.8x at 0.05, 0.65-1.4x at 0.1 (per-position reads across planes).
 // AIM_KERNELS_MASKED_CONV_DENSE_ABOVE=<fraction> overrides it (read per call), so tests and
-// benchmarks can run the sparse kernels at every density ("1" never takes the dense path).
-inline double dense_crossover_density(const ConvGeometry& g) {
+// benchmarks can run the sparse kernels at every density ("2" never takes the dense path).
+inline double dense_crossover_density(const ConvGeometry& g, bool channels_last) {
   if (const char* forced = std::getenv("AIM_KERNELS_MASKED_CONV_DENSE_ABOVE")) return std::atof(forced);
-  if (g.depthwise) return 0.8;   // depthwise 7x7 (ConvNeXt-T 96..768 ch): sparse 1.1-1.3x faster at 0.75, ~1.0x at 1.0
-  if (g.taps() == 1) return 0.8; // 1x1: sparse 1.1-1.2x at 0.75; dense's single GEMM wins at 1.0
-  return 0.8;                    // 3x3: sparse 1.1-1.2x at 0.75; dense (oneDNN) wins at 1.0
+  if (g.depthwise) return channels_last ? 0.15 : 0.03;
+  return 0.6;
 }
 
 // The dense composition: conv2d, then topdown_merge through the dispatcher (whichever

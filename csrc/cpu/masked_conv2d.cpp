@@ -121,23 +121,43 @@ void gather_columns_nhwc(T* cols, const T* x, const Origin* o, int64_t rows, con
   }
 }
 
-// Depthwise (no reduction over channels, so no GEMM): conv = T(sum over taps of x * w + bias),
-// accumulated in acc_t like the dense convolution. w: acc_t (tap, c); conv: NCHW (C x rows),
-// channels_last (rows x C).
+// acc[c] += x[c] * w[c], float: cloned for AVX-512 and AVX2 (the build's baseline is SSE2).
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void multiply_add(float* __restrict__ acc, const float* __restrict__ x, const float* __restrict__ w, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) acc[c] += x[c] * w[c];
+}
+
 template <typename T, typename acc_t>
-void depthwise_rows(T* conv, const T* x, const acc_t* w, const acc_t* bias, const Origin* o, const int64_t* tap_offsets,
-                    int64_t rows, const ConvGeometry& g, bool channels_last, acc_t* acc) {
-  const int64_t C = g.C, taps = g.taps(), HW = g.H * g.W;
+inline void multiply_add(acc_t* acc, const T* x, const acc_t* w, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) acc[c] += acc_t(x[c]) * w[c];
+}
+
+// Depthwise (no reduction over channels, so no GEMM): conv = T(sum over taps of x * w + bias),
+// accumulated in acc_t like the dense convolution. w in acc_t: (c, tap) for NCHW, where each
+// kernel row reads a contiguous run of an input row; (tap, c) for channels_last, where each tap
+// reads a contiguous run of channels. conv: NCHW (C x rows), channels_last (rows x C).
+template <typename T, typename acc_t>
+void depthwise_rows(T* conv, const T* x, const acc_t* w, const acc_t* bias, const Origin* o, int64_t rows,
+                    const ConvGeometry& g, bool channels_last, acc_t* acc) {
+  const int64_t C = g.C, HW = g.H * g.W;
   if (!channels_last) {
     for (int64_t c = 0; c < C; ++c) {
-      std::fill(acc, acc + rows, bias[c]);
-      const T* plane = x + c * HW;
-      for (int64_t t = 0; t < taps; ++t) {
-        const acc_t wt = w[t * C + c];
-        const int64_t* off = tap_offsets + t * rows;
-        for (int64_t r = 0; r < rows; ++r) acc[r] += off[r] >= 0 ? acc_t(plane[off[r]]) * wt : acc_t(0);
+      const acc_t* wc = w + c * g.taps();
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* plane = x + (o[r].n * C + c) * HW;
+        acc_t sum = bias[c];
+        for (int64_t ky = 0; ky < g.kh; ++ky) {
+          const int64_t iy = o[r].iy + ky * g.dh;
+          if (!inside(iy, g.H)) continue;
+          const T* row = plane + iy * g.W;
+          const acc_t* wr = wc + ky * g.kw;
+          for (int64_t kx = 0; kx < g.kw; ++kx) {
+            const int64_t ix = o[r].ix + kx * g.dw;
+            if (inside(ix, g.W)) sum += acc_t(row[ix]) * wr[kx];
+          }
+        }
+        conv[c * rows + r] = T(sum);
       }
-      for (int64_t r = 0; r < rows; ++r) conv[c * rows + r] = T(acc[r]);
     }
     return;
   }
@@ -148,10 +168,7 @@ void depthwise_rows(T* conv, const T* x, const acc_t* w, const acc_t* bias, cons
       if (!inside(iy, g.H)) continue;
       for (int64_t kx = 0; kx < g.kw; ++kx) {
         const int64_t ix = o[r].ix + kx * g.dw;
-        if (!inside(ix, g.W)) continue;
-        const acc_t* wt = w + (ky * g.kw + kx) * C;
-        const T* xr = x + ((o[r].n * g.H + iy) * g.W + ix) * C;
-        for (int64_t c = 0; c < C; ++c) acc[c] += acc_t(xr[c]) * wt[c];
+        if (inside(ix, g.W)) multiply_add(acc, x + ((o[r].n * g.H + iy) * g.W + ix) * C, w + (ky * g.kw + kx) * C, C);
       }
     }
     for (int64_t c = 0; c < C; ++c) conv[r * C + c] = T(acc[c]);
@@ -261,11 +278,12 @@ void masked_conv2d_sparse(at::Tensor& out, const at::Tensor& x, const at::Tensor
   // GEMM: NCHW multiplies (C_out x K) by the gathered (K x rows); channels_last (rows x K) by
   // the transpose of weight in channels_last order (C_out x K, a view when weight already is
   // channels_last; the copy otherwise costs 0.4 ms at 256x384x3x3, a permute to (K x C_out) 3.9 ms).
-  // Depthwise: weights in acc_t, (tap, c).
+  // Depthwise: weights in acc_t (see depthwise_rows).
   at::Tensor w;
   std::vector<acc_t> depthwise_bias;
   if (g.depthwise) {
-    w = weight.reshape({g.C, g.taps()}).t().contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor per_channel = weight.reshape({g.C, g.taps()});
+    w = (channels_last ? per_channel.t() : per_channel).contiguous().to(c10::CppTypeToScalarType<acc_t>::value);
     depthwise_bias.assign(g.C, acc_t(0));
     if (bias.has_value()) {
       const at::Tensor b = bias->contiguous();
@@ -283,24 +301,24 @@ void masked_conv2d_sparse(at::Tensor& out, const at::Tensor& x, const at::Tensor
     at::Tensor cols = at::empty({g.depthwise ? 0 : rows_max * K}, x.options());
     at::Tensor conv = at::empty({rows_max * g.Cout}, x.options());
     std::vector<Origin> origins(rows_max);
-    std::vector<int64_t> tap_offsets(channels_last ? 0 : rows_max * g.taps());
-    std::vector<acc_t> acc(g.depthwise ? std::max(rows_max, g.C) : 0);
+    std::vector<int64_t> tap_offsets(channels_last || g.depthwise ? 0 : rows_max * g.taps());
+    std::vector<acc_t> acc(g.depthwise ? g.C : 0);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       const int64_t first = chunk * rows_max, rows = std::min(rows_max, total - first);
       const int64_t begin = chunk == 0 ? 0 : active[first];
       const int64_t end = chunk == chunks - 1 ? g.positions() : active[first + rows];
       const int64_t* chunk_active = active.data() + first;
       for (int64_t r = 0; r < rows; ++r) origins[r] = origin_of(chunk_active[r], g);
-      if (!channels_last) nchw_tap_offsets(tap_offsets.data(), origins.data(), rows, g);
       if (rows > 0 && g.depthwise) {
         depthwise_rows<T, acc_t>(conv.mutable_data_ptr<T>(), xp, w.const_data_ptr<acc_t>(), depthwise_bias.data(),
-                                 origins.data(), tap_offsets.data(), rows, g, channels_last, acc.data());
+                                 origins.data(), rows, g, channels_last, acc.data());
       } else if (rows > 0 && channels_last) {
         gather_columns_nhwc(cols.mutable_data_ptr<T>(), xp, origins.data(), rows, g);
         at::Tensor res = conv.narrow(0, 0, rows * g.Cout).view({rows, g.Cout});
         const at::Tensor c = cols.narrow(0, 0, rows * K).view({rows, K});
         if (bias.has_value()) at::addmm_out(res, *bias, c, w); else at::mm_out(res, c, w);
       } else if (rows > 0) {
+        nchw_tap_offsets(tap_offsets.data(), origins.data(), rows, g);
         gather_columns_nchw(cols.mutable_data_ptr<T>(), xp, tap_offsets.data(), rows, g);
         at::Tensor res = conv.narrow(0, 0, g.Cout * rows).view({g.Cout, rows});
         const at::Tensor c = cols.narrow(0, 0, K * rows).view({K, rows});
@@ -326,7 +344,7 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
   if (out.numel() == 0) return out;
   const at::Tensor mask = mask_in.contiguous();  // (N, 1, Ho, Wo): the same order in both layouts
   const std::vector<int64_t> active = active_positions(mask);
-  if (static_cast<double>(active.size()) > dense_crossover_density(g) * static_cast<double>(g.positions())) {
+  if (static_cast<double>(active.size()) > dense_crossover_density(g, channels_last) * static_cast<double>(g.positions())) {
     return masked_conv2d_dense(x_in, weight_in, bias, mask_in, prev_in, stride, padding, dilation, groups);
   }
   const at::Tensor x = x_in.contiguous(fmt);
