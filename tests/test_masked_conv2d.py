@@ -63,7 +63,9 @@ def dense(x, w, b, mask, prev, kwargs):
                                    _pair(kwargs["dilation"]), kwargs["groups"])
 
 
-def check_against_dense(out, x, w, b, mask, prev, kwargs):
+def check_against_dense(out, x, w, b, mask, prev, kwargs, truncating_bfloat16=False):
+    """truncating_bfloat16: Triton's interpreter rounds float32 to bfloat16 by truncation (see
+    merge_checks), up to one more ulp at each of the two roundings to the dtype."""
     expected = dense(x, w, b, mask, prev, kwargs)
     assert out.shape == expected.shape and out.dtype == expected.dtype
     inactive = (mask == 0).expand_as(out)
@@ -78,6 +80,8 @@ def check_against_dense(out, x, w, b, mask, prev, kwargs):
     m = mask.double().abs()
     p = upsampled.double().abs()
     bound = m * 2 * (gamma + u) * magnitude + 4 * u * (m * magnitude + p) + torch.finfo(x.dtype).tiny
+    if truncating_bfloat16 and x.dtype == torch.bfloat16:
+        bound = bound + 4 * u * (m * magnitude + p)
     diff = (out.double() - expected.double()).abs()
     bad = diff > bound
     assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} outside the bound; worst excess "
