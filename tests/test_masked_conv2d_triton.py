@@ -42,7 +42,7 @@ def _call(module, x, w, b, mask, prev, kwargs):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("conv", CONVS, ids=lambda c: c[0])
+@pytest.mark.parametrize("conv", [c for c in CONVS if c[0] != "3x3/s2"], ids=lambda c: c[0])  # strides: 2x3, dw3x3/s2
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sparse_kernels_match_dense(monkeypatch, interpreted, conv, layout, dtype):
@@ -54,7 +54,7 @@ def test_sparse_kernels_match_dense(monkeypatch, interpreted, conv, layout, dtyp
     monkeypatch.setenv(FORCE_SPARSE, "2")
     # C_out 70 > BLOCK_N and 40 input channels > BLOCK_K: several tiles each way
     big = (conv[0], 40 if conv[7] == 1 else 70, 70, *conv[3:7], 1 if conv[7] == 1 else 70)
-    for density, prev_ratio in ((0.0, "x2"), (0.4, "odd"), (0.4, None), (1.0, "x2")):
+    for density, prev_ratio in ((0.0, "x2"), (0.4, "odd"), (1.0, None)):
         x, w, b, mask, prev, kwargs = make_inputs(big, dtype, layout, n=2, hw=(9, 8), density=density, prev_ratio=prev_ratio)
         out = _call(interpreted, x, w, b, mask, prev, kwargs)
         check_against_dense(out, x, w, b, mask, prev, kwargs, truncating_bfloat16=True)

@@ -28,10 +28,17 @@ from aim_kernels._library import memory_format_of
 from aim_kernels.masked_conv2d import validate
 from aim_kernels.triton.topdown_merge import LaunchPlan, _acc_dtype, axis_tables
 
-GEMM_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
-GEMM_NUM_WARPS = 4
+# Tile and warps per element size. float16/bfloat16 run tl.dot on tensor cores;
+# float32 ("ieee", no TF32) and float64 on FMA units with the operands in registers, where a
+# 64x64x32 tile of 8 warps spilled at 255 registers and ptxas's own choice or caps of 128/168
+# left some 32x64x16 variants spilling 8-16 bytes; 32x32x16 on 4 warps fits every variant.
+GEMM_CONFIGS = {
+    2: (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 8),
+    4: (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16), 4),
+    8: (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16), 4),
+}
 DEPTHWISE_TILE = dict(BLOCK_M=32, BLOCK_C=64)
-DEPTHWISE_NUM_WARPS = 4
+DEPTHWISE_NUM_WARPS = 8
 # Not measured: no GPU was available when this was written; the CPU crossovers
 # (csrc/masked_conv2d.h) are 0.6 for 1x1/3x3. AIM_KERNELS_MASKED_CONV_DENSE_ABOVE overrides it,
 # as for the C++ kernels.
@@ -178,11 +185,12 @@ def plan_masked_conv2d(x, weight, bias, mask, prev, stride, padding, dilation, g
     bias_arg = bias if bias is not None else out
     if groups == 1:
         w_taps = weight.permute(2, 3, 1, 0).reshape(kh * kw * c, c_out).contiguous()  # row t * C + ci
-        grid = (triton.cdiv(rows, GEMM_TILE["BLOCK_M"]), triton.cdiv(c_out, GEMM_TILE["BLOCK_N"]))
+        tile, num_warps = GEMM_CONFIGS[x.element_size()]
+        grid = (triton.cdiv(rows, tile["BLOCK_M"]), triton.cdiv(c_out, tile["BLOCK_N"]))
         args = [out, x, w_taps, bias_arg, mask_flat, prev, active, src_y, src_x,
                 rows, c, h, w, c_out, ho * wo, wo, ws, kw, kh * kw, *geometry,
                 *_nchw_strides(x), *_nchw_strides(out), *prev_strides]
-        return LaunchPlan(_masked_conv_gemm_kernel, grid, args, dict(common, **GEMM_TILE), GEMM_NUM_WARPS), out
+        return LaunchPlan(_masked_conv_gemm_kernel, grid, args, dict(common, **tile), num_warps), out
     w_taps = weight.reshape(c, kh * kw).t().contiguous()  # (TAPS, C)
     grid = (triton.cdiv(rows, DEPTHWISE_TILE["BLOCK_M"]), triton.cdiv(c, DEPTHWISE_TILE["BLOCK_C"]))
     args = [out, x, w_taps, bias_arg, mask_flat, prev, active, src_y, src_x,
