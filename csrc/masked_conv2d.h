@@ -77,8 +77,11 @@ inline ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& weight,
 // - depthwise 7x7, NCHW: 0.9-1.8x at 0.05, 0.65-1.4x at 0.1 (per-position reads across planes).
 // AIM_KERNELS_MASKED_CONV_DENSE_ABOVE=<fraction> overrides it (read per call), so tests and
 // benchmarks can run the sparse kernels at every density ("2" never takes the dense path).
-inline double dense_crossover_density(const ConvGeometry& g, bool channels_last) {
+// On CUDA the crossover is NOT measured (no GPU was available): 0.5 stands in, as for the
+// Triton launcher (aim_kernels/triton/masked_conv2d.py DENSE_ABOVE), until a GPU run measures it.
+inline double dense_crossover_density(const ConvGeometry& g, bool channels_last, bool cuda) {
   if (const char* forced = std::getenv("AIM_KERNELS_MASKED_CONV_DENSE_ABOVE")) return std::atof(forced);
+  if (cuda) return 0.5;
   if (g.depthwise) return channels_last ? 0.15 : 0.03;
   return 0.6;
 }

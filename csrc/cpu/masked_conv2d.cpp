@@ -344,7 +344,7 @@ at::Tensor masked_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
   if (out.numel() == 0) return out;
   const at::Tensor mask = mask_in.contiguous();  // (N, 1, Ho, Wo): the same order in both layouts
   const std::vector<int64_t> active = active_positions(mask);
-  if (static_cast<double>(active.size()) > dense_crossover_density(g, channels_last) * static_cast<double>(g.positions())) {
+  if (static_cast<double>(active.size()) > dense_crossover_density(g, channels_last, false) * static_cast<double>(g.positions())) {
     return masked_conv2d_dense(x_in, weight_in, bias, mask_in, prev_in, stride, padding, dilation, groups);
   }
   const at::Tensor x = x_in.contiguous(fmt);
