@@ -67,14 +67,17 @@ inline ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& weight,
 
 // Active fraction of the mask above which computing only the active positions is no faster
 // than the dense convolution, per shape class. Measured on the 2-core development machine
-// (Xeon, AVX-512, MKL; one thread; benchmarks/bench_masked_conv2d.py with i.i.d. masks over the
-// ResNet-50 and ConvNeXt-T stage shapes at batch 8; benchmarks/results/masked_conv2d_t1.json):
-// - 1x1 and 3x3 (GEMM): sparse/dense 1.1-2.0x at density 0.5, 0.7-1.2x at 0.75; the ratio
-//   crosses 1 at 0.66-0.70 by interpolation, so 0.6 keeps a margin against noise;
-// - depthwise 7x7, channels_last (96 ch at 56x56, 384 at 14x14): 1.6-2.5x at 0.1, 0.8-1.4x at
-//   0.25 (oneDNN's dense depthwise convolution is memory-bound and vectorized over positions,
-//   the sparse one only over channels);
-// - depthwise 7x7, NCHW: 0.9-1.8x at 0.05, 0.65-1.4x at 0.1 (per-position reads across planes).
+// (Xeon, AVX-512, MKL; one thread: two threads stalled on the shared machine) with
+// benchmarks/bench_masked_conv2d.py: i.i.d. masks, the ResNet-50 and ConvNeXt-T stage shapes
+// at batch 8, benchmarks/results/masked_conv2d_t1.json. Sparse/dense time ratios:
+// - 1x1, NCHW: 0.84-2.1 at density 0.5, 0.83-1.5 at 0.75 (crossing 1 at 0.5-0.63: 0.45);
+// - 1x1, channels_last: 1.7-2.5 at 0.5, 0.8-1.4 at 0.75 (crossing at ~0.7: 0.6);
+// - 3x3, both layouts: 1.45-1.6 at 0.5, 0.94-1.01 at 0.75 (crossing at ~0.73: 0.6);
+// - depthwise 7x7, channels_last: 1.7-2.1 at 0.1, 0.99-1.36 at 0.25 (oneDNN's dense depthwise
+//   convolution is memory-bound and vectorized over positions, the sparse one only over
+//   channels): 0.15;
+// - depthwise 7x7, NCHW: 0.99-1.45 at 0.05, 0.59-0.69 at 0.1 (per-position reads across
+//   planes): 0.03.
 // AIM_KERNELS_MASKED_CONV_DENSE_ABOVE=<fraction> overrides it (read per call), so tests and
 // benchmarks can run the sparse kernels at every density ("2" never takes the dense path).
 // On CUDA the crossover is NOT measured (no GPU was available): 0.5 stands in, as for the
@@ -83,6 +86,7 @@ inline double dense_crossover_density(const ConvGeometry& g, bool channels_last,
   if (const char* forced = std::getenv("AIM_KERNELS_MASKED_CONV_DENSE_ABOVE")) return std::atof(forced);
   if (cuda) return 0.5;
   if (g.depthwise) return channels_last ? 0.15 : 0.03;
+  if (g.taps() == 1 && !channels_last) return 0.45;
   return 0.6;
 }
 
