@@ -55,7 +55,7 @@ def test_sparse_kernels_match_dense(monkeypatch, interpreted, conv, layout, dtyp
     # C_out 70 > BLOCK_N and 40 input channels > BLOCK_K: several tiles each way
     big = (conv[0], 40 if conv[7] == 1 else 70, 70, *conv[3:7], 1 if conv[7] == 1 else 70)
     for density, prev_ratio in ((0.0, "x2"), (0.4, "odd"), (1.0, None)):
-        x, w, b, mask, prev, kwargs = make_inputs(big, dtype, layout, n=2, hw=(9, 8), density=density, prev_ratio=prev_ratio)
+        x, w, b, mask, prev, kwargs = make_inputs(big, dtype, layout, n=2, hw=(7, 6), density=density, prev_ratio=prev_ratio)
         out = _call(interpreted, x, w, b, mask, prev, kwargs)
         check_against_dense(out, x, w, b, mask, prev, kwargs, truncating_bfloat16=True)
         assert out.is_contiguous(memory_format=LAYOUTS[layout])
