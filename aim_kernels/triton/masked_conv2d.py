@@ -58,6 +58,18 @@ def _active_rows(active_ptr, rows, R, HoWo, Wo, SH, SW, PH, PW):
 
 
 @triton.jit
+def _tap(t, KW, DH, DW, H, W, row_ok, n, iy0, ix0, sxn, sxy, sxx):
+    """Rows whose tap t lies inside the image (outside: padding, read as 0) and the tap's
+    offset in x, channel 0."""
+    ky = t // KW
+    kx = t - ky * KW
+    iy = iy0 + ky * DH
+    ix = ix0 + kx * DW
+    inside = row_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+    return inside, n * sxn + iy.to(tl.int64) * sxy + ix.to(tl.int64) * sxx
+
+
+@triton.jit
 def _merge_store(out_ptr, prev_ptr, mask_ptr, src_y_ptr, src_x_ptr, conv, row_ok, n, oy, ox, ch, ch_ok, pos_mask,
                  HoWo, ws, son, soc, soy, sox, spn, spc, spy, spx, HAS_PREV: tl.constexpr, ACC: tl.constexpr):
     # conv: (rows, channels) in the accumulation type; rounded to the output dtype first, as the
@@ -92,12 +104,7 @@ def _masked_conv_gemm_kernel(
     co_ok = co < Cout
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for t in range(0, TAPS):
-        ky = t // KW
-        kx = t - ky * KW
-        iy = iy0 + ky * DH
-        ix = ix0 + kx * DW
-        inside = row_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        base = n * sxn + iy.to(tl.int64) * sxy + ix.to(tl.int64) * sxx
+        inside, base = _tap(t, KW, DH, DW, H, W, row_ok, n, iy0, ix0, sxn, sxy, sxx)
         for c0 in range(0, C, BLOCK_K):
             ci = c0 + tl.arange(0, BLOCK_K)
             ci_ok = ci < C
@@ -131,12 +138,7 @@ def _masked_conv_depthwise_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + c, mask=c_ok, other=0).to(ACC)[None, :]
     for t in range(0, TAPS):
-        ky = t // KW
-        kx = t - ky * KW
-        iy = iy0 + ky * DH
-        ix = ix0 + kx * DW
-        inside = row_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        base = n * sxn + iy.to(tl.int64) * sxy + ix.to(tl.int64) * sxx
+        inside, base = _tap(t, KW, DH, DW, H, W, row_ok, n, iy0, ix0, sxn, sxy, sxx)
         xv = tl.load(x_ptr + base[:, None] + c[None, :].to(tl.int64) * sxc, mask=inside[:, None] & c_ok[None, :], other=0)
         wv = tl.load(w_ptr + t * C + c, mask=c_ok, other=0)  # weight as (TAPS, C)
         acc += xv.to(ACC) * wv.to(ACC)[None, :]
