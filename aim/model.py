@@ -35,10 +35,14 @@ class AIM(nn.Module):
             other value makes torchvision download/load the pretrained weights).
         stage_channels: channels of the backbone's stages; found by a probe forward if None.
         use_reference: run the plain-PyTorch reference ops instead of the fused ones.
+        sparse_eval: in eval mode, skip every feature map: the logits need only global averages,
+            which the masks and the stage maps give directly (``FusedTopDownMask.pooled_outputs``,
+            exact up to rounding); ``self.topdown`` on its own computes T_l only where the mask is
+            active (masked_conv2d). Same masks as the dense path, bit for bit.
     """
 
     def __init__(self, backbone, num_classes, depth=2, target=0.25, out_channels=256, mask_hidden_channels=128,
-                 temperature=1.0, weights=None, stage_channels=None, use_reference=False):
+                 temperature=1.0, weights=None, stage_channels=None, use_reference=False, sparse_eval=True):
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, weights=weights)
@@ -51,7 +55,8 @@ class AIM(nn.Module):
         self.backbone = backbone
         channels = list(stage_channels) if stage_channels is not None else probe_stage_channels(backbone)
         self.topdown = FusedTopDownMask(channels, out_channels, depth=depth, temperature=temperature, target=target,
-                                        mask_hidden_channels=mask_hidden_channels, use_reference=use_reference)
+                                        mask_hidden_channels=mask_hidden_channels, use_reference=use_reference,
+                                        sparse_eval=sparse_eval)
         # One classifier per top-down stage (on O_l), finest first like the stage dicts.
         self.stage_classifiers = nn.ModuleList([nn.Linear(out_channels, num_classes) for _ in range(self.topdown.depth)])
         self.classifier = nn.Linear(out_channels, num_classes)
@@ -66,6 +71,10 @@ class AIM(nn.Module):
 
     def forward(self, images):
         stages = as_stage_dict(self.backbone(images))
+        if self.topdown.sparse_eval and not self.training:
+            masks, pooled, pooled_final = self.topdown.pooled_outputs(stages)
+            stage_logits = {name: clf(p) for clf, (name, p) in zip(self.stage_classifiers, pooled.items())}
+            return AIMOutput(self.classifier(pooled_final), stage_logits, dict(masks))
         result = self.topdown.run(stages, pool_stage_outputs=True)
         final = next(iter(result.features.values()))  # F_depth: the finest stage the pathway reached
         logits = self.classifier(final.mean(dim=(2, 3)))

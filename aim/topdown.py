@@ -104,6 +104,10 @@ class FusedTopDownMask(nn.Module):
         mask_hidden_channels: width of the mask estimators.
         use_reference: run the plain-PyTorch reference ops (``aim_kernels.reference``) instead of
             the fused ops; same parameters and seed give the same outputs and gradients.
+        sparse_eval: in eval mode, compute each lateral T_l only where its mask is active and
+            merge in the same op (``aim_kernels.masked_conv2d``; the reference path runs the
+            dense composition it is checked against). The masks are the same bits as the dense
+            path's, the features equal within rounding. Train mode is unaffected.
 
     Train mode samples Gumbel masks; eval mode thresholds the logits at 0. The masks of the last
     forward are kept (detached) in ``last_masks``; ``forward(x, return_masks=True)`` returns
@@ -111,7 +115,7 @@ class FusedTopDownMask(nn.Module):
     """
 
     def __init__(self, in_channels_list, out_channels, depth=None, temperature=1.0, target=0.25,
-                 mask_hidden_channels=128, use_reference=False):
+                 mask_hidden_channels=128, use_reference=False, sparse_eval=True):
         super().__init__()
         in_channels_list = list(in_channels_list)
         if not in_channels_list or not all(isinstance(c, int) and c > 0 for c in in_channels_list):
@@ -133,6 +137,7 @@ class FusedTopDownMask(nn.Module):
         self.temperature = float(temperature)
         self.target = float(target)
         self.use_reference = bool(use_reference)
+        self.sparse_eval = bool(sparse_eval)
         run_channels = in_channels_list[num_stages - depth:]
         # Index i of these lists is the i-th stage the pathway runs through, finest first.
         self.lateral = nn.ModuleList([nn.Conv2d(c, out_channels, 1) for c in run_channels])
@@ -141,7 +146,8 @@ class FusedTopDownMask(nn.Module):
 
     def extra_repr(self):
         return (f"in_channels_list={self.in_channels_list}, out_channels={self.out_channels}, depth={self.depth}, "
-                f"temperature={self.temperature}, target={self.target}, use_reference={self.use_reference}")
+                f"temperature={self.temperature}, target={self.target}, use_reference={self.use_reference}, "
+                f"sparse_eval={self.sparse_eval}")
 
     def forward(self, x, return_masks=False):
         result = self.run(x)
@@ -159,24 +165,60 @@ class FusedTopDownMask(nn.Module):
         """
         names = self._check_input(x)
         merge = reference.topdown_merge if self.use_reference else aim_kernels.topdown_merge
+        masked_conv = reference.masked_conv2d if self.use_reference else aim_kernels.masked_conv2d
         binarize = reference_gumbel_binarize if self.use_reference else aim_kernels.gumbel_binarize
+        sparse = self.sparse_eval and not self.training
         run_names = names[len(names) - self.depth:]
         features, masks, pooled = {}, {}, {}
         prev = None
         for i in reversed(range(self.depth)):
             stage = x[run_names[i]]
-            lateral = self.lateral[i](stage)
             mask = binarize(self.mask_estimators[i](stage), self.temperature, training=self.training)
-            prev = merge(lateral, mask, prev)
+            if sparse:  # T_l only where the mask is active, fused with the merge
+                prev = masked_conv(stage, self.lateral[i].weight, self.lateral[i].bias, mask, prev)
+            else:
+                lateral = self.lateral[i](stage)
+                prev = merge(lateral, mask, prev)
             features[run_names[i]] = prev
             masks[run_names[i]] = mask
             if pool_stage_outputs:
-                h, w = lateral.shape[-2:]
-                masked_sum = torch.bmm(lateral.flatten(2), mask.flatten(2).transpose(1, 2)).squeeze(2)
-                pooled[run_names[i]] = masked_sum / (h * w)
+                h, w = mask.shape[-2:]
+                if sparse:  # the lateral map was never materialized: pool through the 1x1 conv
+                    pooled[run_names[i]] = _pooled_lateral(self.lateral[i], stage, mask / (h * w))
+                else:
+                    masked_sum = torch.bmm(lateral.flatten(2), mask.flatten(2).transpose(1, 2)).squeeze(2)
+                    pooled[run_names[i]] = masked_sum / (h * w)
         return TopDownResult(
             _ordered(features, run_names), _ordered(masks, run_names), _ordered(pooled, run_names) if pool_stage_outputs else None
         )
+
+    def pooled_outputs(self, x):
+        """The global averages AIM's classifiers read, without computing any feature map:
+        ``(masks, pooled_stage_outputs, pooled_final)``, pooled_final the global average of
+        F_depth, (N, out_channels).
+
+        Exact (up to rounding) because everything after the masks is linear: the global average
+        of F_depth = sum over stages of upsampled O_l = T_l(S_l) * B_l weighs each position of
+        stage l by how many F_depth positions its nearest-upsampling footprint covers, and a
+        weighted spatial sum commutes with the 1x1 conv T_l: W (sum_p g(p) B(p) S(p)) + b sum_p g(p) B(p).
+        So per stage only the masked, weighted sum of S_l is computed (one batched matmul).
+        """
+        names = self._check_input(x)
+        binarize = reference_gumbel_binarize if self.use_reference else aim_kernels.gumbel_binarize
+        run_names = names[len(names) - self.depth:]
+        final_size = x[run_names[0]].shape[-2:]
+        masks, pooled, pooled_final = {}, {}, 0
+        for i in range(self.depth):
+            stage = x[run_names[i]]
+            mask = binarize(self.mask_estimators[i](stage), self.temperature, training=self.training)
+            h, w = mask.shape[-2:]
+            masks[run_names[i]] = mask
+            pooled[run_names[i]] = _pooled_lateral(self.lateral[i], stage, mask / (h * w))
+            sizes = [x[name].shape[-2:] for name in reversed(run_names[:i])]  # the upsampling steps down to F_depth
+            footprint = _footprint_counts((h, w), sizes).to(device=mask.device, dtype=mask.dtype)
+            weights = mask * (footprint / (final_size[0] * final_size[1]))
+            pooled_final = pooled_final + _pooled_lateral(self.lateral[i], stage, weights)
+        return _ordered(masks, run_names), _ordered(pooled, run_names), pooled_final
 
     def _check_input(self, x):
         if not isinstance(x, dict):
@@ -196,6 +238,23 @@ class FusedTopDownMask(nn.Module):
                 raise ValueError(f"stage maps must be ordered finest first: stage {name!r} is {size[0]}x{size[1]}, larger than the stage before it ({previous_size[0]}x{previous_size[1]})")
             previous_size = size
         return names
+
+
+def _pooled_lateral(conv, stage, weights):
+    """sum over positions p of weights(p) * conv(stage)(p), for a 1x1 conv, without computing
+    conv(stage): conv.weight @ (sum_p weights(p) stage(p)) + conv.bias * sum_p weights(p)."""
+    weighted_sum = torch.bmm(stage.flatten(2), weights.flatten(2).transpose(1, 2)).squeeze(2)
+    out = torch.nn.functional.linear(weighted_sum, conv.weight.flatten(1))
+    return out + weights.sum(dim=(1, 2, 3))[:, None] * conv.bias
+
+
+def _footprint_counts(size, finer_sizes):
+    """(h, w) map: how many positions of the last of finer_sizes each position of a (h, w) map
+    reaches through successive nearest upsamplings (F.interpolate's rule) to each size."""
+    index = torch.arange(size[0] * size[1], dtype=torch.float64).view(1, 1, *size)
+    for finer in finer_sizes:
+        index = torch.nn.functional.interpolate(index, size=tuple(finer), mode="nearest")
+    return torch.bincount(index.flatten().long(), minlength=size[0] * size[1]).view(*size)
 
 
 def _ordered(by_name, names):

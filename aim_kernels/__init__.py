@@ -5,12 +5,14 @@ kernels for torch.compile, and a plain-PyTorch fallback):
 
 - :func:`topdown_merge` -- feat * mask + nearest-upsample(prev)
 - :func:`gumbel_binarize` -- binary Gumbel straight-through mask, in-kernel Philox noise
+- :func:`masked_conv2d` -- topdown_merge(conv2d(x), mask, prev), the conv only where mask != 0
 
 Plain PyTorch: :func:`mask_loss` -- the paper's per-stage (r - tau)^2 mask loss.
 """
 from aim_kernels import _library  # noqa: F401  (defines the namespace before _C registers kernels)
 from aim_kernels.topdown_merge import topdown_merge
 from aim_kernels.gumbel_binarize import gumbel_binarize
+from aim_kernels.masked_conv2d import masked_conv2d
 from aim_kernels.losses import mask_loss
 from aim_kernels import _extension  # noqa: E402  (after the schemas: _C adds kernels to them)
 from aim_kernels._backends import backends
@@ -19,4 +21,4 @@ from aim_kernels import reference
 
 _select_cuda_backend()  # after every op module has declared its Triton launchers
 
-__all__ = ["topdown_merge", "gumbel_binarize", "mask_loss", "backends", "get_cuda_backend", "set_cuda_backend", "reference"]
+__all__ = ["topdown_merge", "gumbel_binarize", "masked_conv2d", "mask_loss", "backends", "get_cuda_backend", "set_cuda_backend", "reference"]

@@ -198,3 +198,9 @@ def gumbel_binarize_straight_through(logits, temperature, training, seed, offset
     """gumbel_binarize with its straight-through gradient (gumbel_binarize_backward) as one
     differentiable plain-PyTorch function: the reference path of a model."""
     return _GumbelStraightThrough.apply(logits, temperature, training, seed, offset)
+
+
+def masked_conv2d(x, weight, bias, mask, prev=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """topdown_merge(conv2d(x, weight, bias, ...), mask, prev): the dense composition that the
+    sparse kernels, which evaluate the convolution only where mask != 0, must reproduce."""
+    return topdown_merge(F.conv2d(x, weight, bias, stride, padding, dilation, groups), mask, prev)

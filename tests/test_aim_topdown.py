@@ -112,7 +112,8 @@ def _run(module, x, seed):
 def test_fused_and_reference_paths_agree(training):
     """Same parameters and seed: identical masks, outputs and gradients on both paths."""
     torch.manual_seed(0)
-    fused = near_threshold(aim.FusedTopDownMask(CHANNELS, 16, depth=3)).train(training)
+    # dense eval: the sparse lateral convolution rounds differently (tests/test_masked_conv2d_modules.py)
+    fused = near_threshold(aim.FusedTopDownMask(CHANNELS, 16, depth=3, sparse_eval=False)).train(training)
     reference = copy.deepcopy(fused)
     reference.use_reference = True
     x = stage_maps(requires_grad=True)

@@ -1,0 +1,228 @@
+"""masked_conv2d against the dense composition topdown_merge(conv2d(x), mask, prev).
+
+Tolerance (where mask != 0), from how the two sides round. Each output is a dot product of
+L = kh * kw * C_in / groups products plus the bias; with S = sum of |x * w| + |b| (the dense
+convolution of |x| and |w|, in float64):
+- each side's accumulation (float32 for the half types, float64 for float64) is within
+  gamma_{L+1} * S of the exact sum, gamma_n = n u_acc / (1 - n u_acc) (Higham, Thm. 3.1),
+  and rounding the convolution to the dtype adds u * S: the two convolutions differ by at
+  most 2 (gamma_{L+1} + u) S;
+- that difference is multiplied by |mask|, and each side's merge (product, then sum) rounds
+  within 2u (|conv * mask| + |prev|): 4u (|mask| S + |prev|) for both.
+Where mask == 0 the output must be exactly the upsampled prev (or 0): torch.equal.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aim_kernels
+from aim_kernels import reference
+from merge_checks import UNIT_ROUNDOFF
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+FORCE_SPARSE = "AIM_KERNELS_MASKED_CONV_DENSE_ABOVE"  # "2": never the dense path; "0": always
+
+# (label, C_in, C_out, (kh, kw), stride, padding, dilation, groups)
+CONVS = [
+    ("1x1", 5, 7, (1, 1), 1, 0, 1, 1),
+    ("3x3", 5, 7, (3, 3), 1, 1, 1, 1),
+    ("3x3/s2", 5, 7, (3, 3), 2, 1, 1, 1),
+    ("3x3/d2", 5, 7, (3, 3), 1, 2, 2, 1),
+    ("2x3", 4, 6, (2, 3), (2, 1), (0, 1), 1, 1),
+    ("dw7x7", 6, 6, (7, 7), 1, 3, 1, 6),
+    ("dw3x3/s2", 6, 6, (3, 3), 2, 1, 1, 6),
+]
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def make_inputs(conv, dtype, layout, n=2, hw=(9, 11), density=0.3, prev_ratio="x2", bias=True, seed=0):
+    _, c_in, c_out, k, stride, padding, dilation, groups = conv
+    g = torch.Generator().manual_seed(seed)
+    fmt = LAYOUTS[layout]
+    x = torch.randn(n, c_in, *hw, generator=g).to(dtype).contiguous(memory_format=fmt)
+    w = torch.randn(c_out, c_in // groups, *k, generator=g).to(dtype)
+    b = torch.randn(c_out, generator=g).to(dtype) if bias else None
+    ho, wo = F.conv2d(torch.empty(1, c_in, *hw), torch.empty(c_out, c_in // groups, *k), None, stride, padding, dilation, groups).shape[2:]
+    # any float values where active (the op multiplies by them), exact zeros elsewhere
+    keep = torch.rand(n, 1, ho, wo, generator=g) < density
+    mask = (keep * (torch.rand(n, 1, ho, wo, generator=g) + 0.5)).to(dtype)
+    prev = None
+    if prev_ratio is not None:
+        size = {"x2": ((ho + 1) // 2, (wo + 1) // 2), "odd": (max(1, ho * 2 // 5), max(1, wo // 3))}[prev_ratio]
+        prev = torch.randn(n, c_out, *size, generator=g).to(dtype).contiguous(memory_format=fmt)
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return x, w, b, mask, prev, kwargs
+
+
+def dense(x, w, b, mask, prev, kwargs):
+    return reference.masked_conv2d(x, w, b, mask, prev, _pair(kwargs["stride"]), _pair(kwargs["padding"]),
+                                   _pair(kwargs["dilation"]), kwargs["groups"])
+
+
+def check_against_dense(out, x, w, b, mask, prev, kwargs, truncating_bfloat16=False):
+    """truncating_bfloat16: Triton's interpreter rounds float32 to bfloat16 by truncation (see
+    merge_checks), up to one more ulp at each of the two roundings to the dtype."""
+    expected = dense(x, w, b, mask, prev, kwargs)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    inactive = (mask == 0).expand_as(out)
+    upsampled = reference.topdown_merge(torch.zeros_like(expected), torch.zeros_like(mask), prev)
+    assert torch.equal(out[inactive], upsampled[inactive]), "inactive positions differ from the upsampled prev"
+    u = UNIT_ROUNDOFF[x.dtype]
+    u_acc = UNIT_ROUNDOFF[torch.float64 if x.dtype == torch.float64 else torch.float32]
+    terms = w[0].numel() + 1
+    gamma = terms * u_acc / (1 - terms * u_acc)
+    d = {k: _pair(v) if k != "groups" else v for k, v in kwargs.items()}
+    magnitude = F.conv2d(x.double().abs(), w.double().abs(), None if b is None else b.double().abs(), **d)
+    m = mask.double().abs()
+    p = upsampled.double().abs()
+    bound = m * 2 * (gamma + u) * magnitude + 4 * u * (m * magnitude + p) + torch.finfo(x.dtype).tiny
+    if truncating_bfloat16 and x.dtype == torch.bfloat16:
+        bound = bound + 4 * u * (m * magnitude + p)
+    diff = (out.double() - expected.double()).abs()
+    bad = diff > bound
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} outside the bound; worst excess "
+                           f"{(diff - bound).max().item():.3g} at {tuple(bad.nonzero()[0].tolist())}")
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: c[0])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("density,prev_ratio", [(0.0, "x2"), (0.3, "x2"), (0.3, None), (0.6, "odd"), (1.0, "x2")])
+def test_sparse_path_matches_dense(monkeypatch, conv, layout, dtype, density, prev_ratio):
+    monkeypatch.setenv(FORCE_SPARSE, "2")
+    x, w, b, mask, prev, kwargs = make_inputs(conv, dtype, layout, density=density, prev_ratio=prev_ratio)
+    out = aim_kernels.masked_conv2d(x, w, b, mask, prev, **kwargs)
+    check_against_dense(out, x, w, b, mask, prev, kwargs)
+    assert out.is_contiguous(memory_format=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("force", [None, "0"], ids=["measured-crossover", "always-dense"])
+@pytest.mark.parametrize("density", [0.1, 1.0])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_dispatch_either_path_matches_dense(monkeypatch, force, density, layout):
+    if force is not None:
+        monkeypatch.setenv(FORCE_SPARSE, force)
+    else:
+        monkeypatch.delenv(FORCE_SPARSE, raising=False)
+    for conv in (CONVS[1], CONVS[5]):
+        x, w, b, mask, prev, kwargs = make_inputs(conv, torch.float32, layout, density=density)
+        out = aim_kernels.masked_conv2d(x, w, b, mask, prev, **kwargs)
+        check_against_dense(out, x, w, b, mask, prev, kwargs)
+        assert out.is_contiguous(memory_format=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("conv", [CONVS[1], CONVS[3], CONVS[5]], ids=lambda c: c[0])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_single_active_pixel_at_borders(monkeypatch, conv, layout):
+    monkeypatch.setenv(FORCE_SPARSE, "2")
+    x, w, b, mask, prev, kwargs = make_inputs(conv, torch.float32, layout, n=1, hw=(8, 10))
+    ho, wo = mask.shape[2:]
+    for y, xx in [(0, 0), (0, wo - 1), (ho - 1, 0), (ho - 1, wo - 1), (ho // 2, 0), (ho // 2, wo // 2)]:
+        single = torch.zeros_like(mask)
+        single[0, 0, y, xx] = 1.5
+        out = aim_kernels.masked_conv2d(x, w, b, single, prev, **kwargs)
+        check_against_dense(out, x, w, b, single, prev, kwargs)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("conv", [CONVS[0], CONVS[1], CONVS[5]], ids=lambda c: c[0])
+def test_many_chunks_across_images(monkeypatch, layout, conv):
+    # hundreds of active positions: several chunks, whose output ranges cross image boundaries
+    monkeypatch.setenv(FORCE_SPARSE, "2")
+    _, _, _, k, stride, padding, dilation, groups = conv
+    big = (conv[0], 24, 24 if groups > 1 else 40, k, stride, padding, dilation, 24 if groups > 1 else 1)
+    x, w, b, mask, prev, kwargs = make_inputs(big, torch.float32, layout, n=3, hw=(23, 29), density=0.5)
+    out = aim_kernels.masked_conv2d(x, w, b, mask, prev, **kwargs)
+    check_against_dense(out, x, w, b, mask, prev, kwargs)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_empty_batch(layout):
+    x, w, b, mask, prev, kwargs = make_inputs(CONVS[1], torch.float32, layout, n=0)
+    out = aim_kernels.masked_conv2d(x, w, b, mask, prev, **kwargs)
+    assert out.shape == (0, 7, 9, 11)
+
+
+def test_nan_mask_is_active_like_the_dense_result(monkeypatch):
+    monkeypatch.setenv(FORCE_SPARSE, "2")
+    x, w, b, mask, prev, kwargs = make_inputs(CONVS[0], torch.float32, "nchw")
+    mask[0, 0, 2, 3] = float("nan")
+    out = aim_kernels.masked_conv2d(x, w, b, mask, prev, **kwargs)
+    assert out[0, :, 2, 3].isnan().all()
+
+
+@pytest.mark.parametrize("conv", [CONVS[2], CONVS[6]], ids=lambda c: c[0])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gradcheck_float64(monkeypatch, conv, layout):
+    monkeypatch.setenv(FORCE_SPARSE, "2")
+    x, w, b, mask, prev, kwargs = make_inputs(conv, torch.float64, layout, n=1, hw=(6, 7), density=0.5)
+    inputs = [t.requires_grad_() for t in (x, w, b, mask, prev)]
+    assert torch.autograd.gradcheck(lambda *t: aim_kernels.masked_conv2d(*t, **kwargs), inputs)
+
+
+def test_gradients_match_dense_autograd():
+    x, w, b, mask, prev, kwargs = make_inputs(CONVS[1], torch.float32, "nchw", density=0.4)
+    inputs = [t.requires_grad_() for t in (x, w, b, mask, prev)]
+    grad = torch.randn(2, 7, 9, 11)
+    got = torch.autograd.grad(aim_kernels.masked_conv2d(*inputs, **kwargs), inputs, grad)
+    want = torch.autograd.grad(dense(*inputs, kwargs), inputs, grad)
+    for name, g, e in zip(("x", "weight", "bias", "mask", "prev"), got, want):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
+    # only x requiring grad: the convolution is not recomputed, the gradient still right
+    x2 = x.detach().requires_grad_()
+    g_x, = torch.autograd.grad(aim_kernels.masked_conv2d(x2, w.detach(), b.detach(), mask.detach(), prev.detach(), **kwargs), x2, grad)
+    torch.testing.assert_close(g_x, want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", [CONVS[2], CONVS[5]], ids=lambda c: c[0])
+@pytest.mark.parametrize("with_prev", [True, False])
+def test_opcheck(conv, with_prev):
+    x, w, b, mask, prev, kwargs = make_inputs(conv, torch.float32, "nchw", prev_ratio="x2" if with_prev else None)
+    args = (x.requires_grad_(), w.requires_grad_(), b, mask.requires_grad_(), prev,
+            list(_pair(kwargs["stride"])), list(_pair(kwargs["padding"])), list(_pair(kwargs["dilation"])), kwargs["groups"])
+    torch.library.opcheck(torch.ops.aim_kernels.masked_conv2d.default, args)
+
+
+def test_compile_fullgraph():
+    x, w, b, mask, prev, kwargs = make_inputs(CONVS[2], torch.float32, "channels_last")
+
+    @torch.compile(fullgraph=True)
+    def f(x, w, b, mask, prev):
+        return aim_kernels.masked_conv2d(x, w, b, mask, prev, **kwargs) * 2
+
+    torch.testing.assert_close(f(x, w, b, mask, prev), 2 * aim_kernels.masked_conv2d(x, w, b, mask, prev, **kwargs))
+
+
+def _bad(**changes):
+    x, w, b, mask, prev, kwargs = make_inputs(CONVS[1], torch.float32, "nchw")
+    args = dict(x=x, weight=w, bias=b, mask=mask, prev=prev)
+    args.update({k: v for k, v in changes.items() if k in args})
+    kwargs.update({k: v for k, v in changes.items() if k not in args})
+    return args, kwargs
+
+
+@pytest.mark.parametrize("changes,error,name", [
+    (dict(mask=torch.ones(2, 1, 8, 11)), ValueError, "mask"),
+    (dict(stride=2), ValueError, "mask"),  # mask sized for stride 1
+    (dict(weight=torch.randn(7, 4, 3, 3)), ValueError, "weight"),
+    (dict(groups=5), ValueError, "groups"),
+    (dict(groups=2.0), TypeError, "groups"),
+    (dict(x=torch.ones(2, 5, 9, 11, dtype=torch.int32)), TypeError, "x"),
+    (dict(mask=torch.ones(2, 1, 9, 11, dtype=torch.int64)), TypeError, "mask"),
+    (dict(weight=torch.randn(7, 5, 3, 3, dtype=torch.float64)), TypeError, "weight"),
+    (dict(weight=torch.randn(7, 5, 3, 3, device="meta")), ValueError, "weight"),
+    (dict(prev=torch.randn(2, 7, 10, 11)), ValueError, "prev"),
+    (dict(prev=torch.randn(2, 6, 4, 5)), ValueError, "prev"),
+    (dict(bias=torch.randn(6)), ValueError, "bias"),
+    (dict(stride=0), ValueError, "stride"),
+    (dict(padding=(1,)), TypeError, "padding"),
+    (dict(x=torch.randn(2, 5, 1, 1), padding=0), ValueError, "x"),
+])
+def test_bad_input_names_the_argument(changes, error, name):
+    args, kwargs = _bad(**changes)
+    with pytest.raises(error, match=name):
+        aim_kernels.masked_conv2d(**args, **kwargs)
