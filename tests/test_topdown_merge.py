@@ -53,7 +53,7 @@ def test_forward_and_backward_match_reference(shape, dtype, mask_channels, chann
 
     grad = torch.randn_like(out)
     prev_size = [] if prev is None else list(prev.shape[2:])
-    grads = torch.ops.aim_kernels.topdown_merge_backward(grad, feat, mask, prev_size)
+    grads = torch.ops.aim_kernels.topdown_merge_backward(grad, feat, mask, mask.shape[1], prev_size)
     merge_checks.check_backward(grads, grad, feat, mask, prev_size)
 
 
@@ -122,7 +122,7 @@ def test_opcheck(shape, channels_last):
         grad = torch.randn_like(feat)
         prev_size = [] if prev is None else list(prev.shape[2:])
         torch.library.opcheck(
-            torch.ops.aim_kernels.topdown_merge_backward.default, (grad, feat.detach(), mask.detach(), prev_size)
+            torch.ops.aim_kernels.topdown_merge_backward.default, (grad, feat.detach(), mask.detach(), mask.shape[1], prev_size)
         )
 
 

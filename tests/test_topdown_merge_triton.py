@@ -75,7 +75,7 @@ def test_forward_and_backward_match_reference(interpreted, shape, mask_channels,
 
     grad = torch.randn_like(out)
     prev_size = [] if prev is None else list(prev.shape[2:])
-    grads = interpreted.topdown_merge_backward(grad, feat, mask, prev_size)
+    grads = interpreted.topdown_merge_backward(grad, feat, mask, mask.shape[1], prev_size)
     check_backward(grads, grad, feat, mask, prev_size, truncating_bfloat16=True)
     if prev is not None:
         assert grads[2].is_contiguous(memory_format=LAYOUTS[layout]) or feat.shape[1] == 1
@@ -89,7 +89,7 @@ def test_empty_shapes(interpreted, shape):
     out = interpreted.topdown_merge(feat, mask, prev)
     assert out.shape == feat.shape
     prev_size = [] if prev is None else list(prev.shape[2:])
-    grad_feat, grad_mask, grad_prev = interpreted.topdown_merge_backward(torch.zeros_like(out), feat, mask, prev_size)
+    grad_feat, grad_mask, grad_prev = interpreted.topdown_merge_backward(torch.zeros_like(out), feat, mask, mask.shape[1], prev_size)
     assert grad_feat.shape == feat.shape and grad_mask.shape == mask.shape
     assert torch.count_nonzero(grad_mask) == 0 and torch.count_nonzero(grad_prev) == 0
 
@@ -102,7 +102,7 @@ def test_half_footprint_longer_than_a_tile_accumulates_in_float32(interpreted):
     plan, *_, grad_prev, accumulator = interpreted.plan_backward(torch.ones_like(feat), feat, mask, [1, 1])
     assert accumulator.dtype == torch.float32 and plan.constexprs["BLOCK_K"] == interpreted.MAX_FOOTPRINT_SLOTS
     grad = torch.full_like(feat, 0.1)
-    got = interpreted.topdown_merge_backward(grad, feat, mask, [1, 1])[2]
+    got = interpreted.topdown_merge_backward(grad, feat, mask, mask.shape[1], [1, 1])[2]
     exact = grad.double().sum(dim=(2, 3), keepdim=True)
     torch.testing.assert_close(got.double(), exact, rtol=2**-11, atol=0)
 
@@ -113,6 +113,6 @@ def test_bad_input_raises_before_launch(interpreted):
     with pytest.raises(ValueError, match="mask"):
         interpreted.topdown_merge(feat, mask[:, :, :3], prev)
     with pytest.raises(ValueError, match="prev_size"):
-        interpreted.topdown_merge_backward(feat, feat, mask, [8, 4])
+        interpreted.topdown_merge_backward(feat, feat, mask, mask.shape[1], [8, 4])
     with pytest.raises(ValueError, match="grad_out"):
-        interpreted.topdown_merge_backward(feat[:1], feat, mask, [3, 4])
+        interpreted.topdown_merge_backward(feat[:1], feat, mask, mask.shape[1], [3, 4])

@@ -271,7 +271,7 @@ def plan_backward(grad_out, feat, mask, prev_size):
     tensor the kernel sums grad_prev into: grad_prev itself, or a float32 buffer (copied into
     grad_prev after the launch) when a half-precision grad_prev would otherwise be re-read and
     re-rounded between footprint tiles."""
-    fmt = memory_format_of(feat)
+    fmt = memory_format_of(grad_out)
     feat, mask, grad_out = (t.contiguous(memory_format=fmt) for t in (feat, mask, grad_out))
     n, c, h, w = feat.shape
     has_prev = len(prev_size) == 2
@@ -314,16 +314,23 @@ def topdown_merge(feat, mask, prev):
     return out
 
 
-def topdown_merge_backward(grad_out, feat, mask, prev_size):
-    """aim_kernels::topdown_merge_backward with Triton kernels."""
-    validate(feat, mask, None)
+def topdown_merge_backward(grad_out, feat, mask, mask_channels, prev_size):
+    """aim_kernels::topdown_merge_backward with Triton kernels. The kernel always computes
+    grad_feat and grad_mask: an input not passed is read as zeros and its gradient dropped."""
     if len(prev_size) not in (0, 2):
         raise ValueError(f"prev_size must be [] or [h, w], got {list(prev_size)}")
-    if grad_out.shape != feat.shape or grad_out.dtype != feat.dtype or grad_out.device != feat.device:
-        raise ValueError(f"grad_out must match feat's shape, dtype and device, got {tuple(grad_out.shape)} {grad_out.dtype} {grad_out.device}")
-    plan, grad_feat, grad_mask, grad_prev, prev_accumulator = plan_backward(grad_out, feat, mask, prev_size)
+    n, c, h, w = grad_out.shape
+    feat_in = torch.zeros_like(grad_out) if feat is None else feat
+    mask_in = grad_out.new_zeros((n, mask_channels, h, w)) if mask is None else mask
+    validate(feat_in, mask_in, None)
+    if feat_in.shape != grad_out.shape or feat_in.dtype != grad_out.dtype or feat_in.device != grad_out.device:
+        raise ValueError(f"feat must match grad_out's shape, dtype and device, got {tuple(feat_in.shape)} {feat_in.dtype} {feat_in.device}")
+    if mask_in.shape[1] != mask_channels:
+        raise ValueError(f"mask has {mask_in.shape[1]} channels but mask_channels is {mask_channels}")
+    plan, grad_feat, grad_mask, grad_prev, prev_accumulator = plan_backward(grad_out, feat_in, mask_in, prev_size)
     if plan is not None:
         plan.run()
         if prev_accumulator is not grad_prev:
             grad_prev.copy_(prev_accumulator)
-    return grad_feat, grad_mask, grad_prev
+    empty = grad_out.new_empty(0)
+    return grad_feat if mask is not None else empty, grad_mask if feat is not None else empty, grad_prev
