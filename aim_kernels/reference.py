@@ -169,24 +169,34 @@ def gumbel_binarize(logits, temperature, training, seed, offset):
     return out.contiguous(memory_format=memory_format_of(logits))
 
 
+def straight_through_argument(logits, temperature, training, seed, offset):
+    """(logits + noise) / temperature in float32 (float64 for float64 logits): soft is its
+    sigmoid. No noise in evaluation."""
+    a = logits.to(_opmath(logits.dtype))
+    if training:
+        a = a + _noise_like(logits, seed, offset)
+    return a / temperature
+
+
 def gumbel_binarize_backward(grad_out, logits, temperature, training, seed, offset):
     """Straight-through gradient: grad_out * soft * (1 - soft) / temperature with
     soft = sigmoid((logits + noise) / temperature), the noise recomputed from (seed, offset)
     (no noise in evaluation)."""
-    a = logits.to(_opmath(logits.dtype))
-    if training:
-        a = a + _noise_like(logits, seed, offset)
-    soft = torch.sigmoid(a / temperature)
-    grad = grad_out.to(a.dtype) * (soft * (1 - soft) / temperature)
+    soft = torch.sigmoid(straight_through_argument(logits, temperature, training, seed, offset))
+    grad = grad_out.to(soft.dtype) * (soft * (1 - soft) / temperature)
     return grad.to(logits.dtype).contiguous(memory_format=memory_format_of(logits))
 
 
 class _GumbelStraightThrough(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, temperature, training, seed, offset):
+    def forward(logits, temperature, training, seed, offset):
+        return gumbel_binarize(logits, temperature, training, seed, offset)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # a separate setup_context: torch.func needs it
+        logits, temperature, training, seed, offset = inputs
         ctx.save_for_backward(logits, seed)
         ctx.temperature, ctx.training, ctx.offset = temperature, training, offset
-        return gumbel_binarize(logits, temperature, training, seed, offset)
 
     @staticmethod
     def backward(ctx, grad_out):
