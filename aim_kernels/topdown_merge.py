@@ -138,10 +138,10 @@ def _(grad_out, feat, mask, mask_channels, prev_size):
         torch._check(0 <= prev_size[0] <= h and 0 <= prev_size[1] <= w and (h * w == 0 or prev_size[0] * prev_size[1] > 0),
                      lambda: f"topdown_merge_backward: invalid prev_size {list(prev_size)}")
     fmt = memory_format_of(grad_out)
-    empty = grad_out.new_empty(0)
-    grad_feat = empty if mask is None else torch.empty_like(grad_out, memory_format=fmt)
-    grad_mask = empty if feat is None else grad_out.new_empty((n, mask_channels, h, w)).contiguous(memory_format=fmt)
-    grad_prev = empty if len(prev_size) != 2 else grad_out.new_empty((n, c, *prev_size)).contiguous(memory_format=fmt)
+    empty = lambda: grad_out.new_empty(0)  # noqa: E731  (one each: outputs must not alias)
+    grad_feat = empty() if mask is None else torch.empty_like(grad_out, memory_format=fmt)
+    grad_mask = empty() if feat is None else grad_out.new_empty((n, mask_channels, h, w)).contiguous(memory_format=fmt)
+    grad_prev = empty() if len(prev_size) != 2 else grad_out.new_empty((n, c, *prev_size)).contiguous(memory_format=fmt)
     return grad_feat, grad_mask, grad_prev
 
 
