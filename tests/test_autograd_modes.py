@@ -15,15 +15,16 @@ from torch.func import grad, jacrev, vjp, vmap
 import aim
 import aim_kernels
 from aim_kernels import reference
+from common import cpu_and_cuda
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def merge_inputs(mask_c, with_prev, dtype=torch.float64, channels_last=False):
+def merge_inputs(mask_c, with_prev, dtype=torch.float64, channels_last=False, device="cpu"):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    feat = torch.randn(2, 3, 5, 4, dtype=dtype).contiguous(memory_format=fmt)
-    mask = torch.rand(2, mask_c, 5, 4, dtype=dtype).contiguous(memory_format=fmt)
-    prev = torch.randn(2, 3, 3, 2, dtype=dtype).contiguous(memory_format=fmt) if with_prev else None
+    feat = torch.randn(2, 3, 5, 4, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    mask = torch.rand(2, mask_c, 5, 4, dtype=dtype, device=device).contiguous(memory_format=fmt)
+    prev = torch.randn(2, 3, 3, 2, dtype=dtype, device=device).contiguous(memory_format=fmt) if with_prev else None
     return feat, mask, prev
 
 
@@ -40,8 +41,9 @@ SUBSETS = [s for r in (1, 2, 3) for s in itertools.combinations(("feat", "mask",
 
 @pytest.mark.parametrize("needs", SUBSETS, ids="+".join)
 @pytest.mark.parametrize("mask_c", [1, 3], ids=["broadcast", "full"])
-def test_topdown_merge_gradgradcheck(needs, mask_c):
-    tensors = dict(zip(("feat", "mask", "prev"), merge_inputs(mask_c, True)))
+@cpu_and_cuda
+def test_topdown_merge_gradgradcheck(needs, mask_c, device):
+    tensors = dict(zip(("feat", "mask", "prev"), merge_inputs(mask_c, True, device=device)))
     for name in needs:
         tensors[name].requires_grad_()
     assert torch.autograd.gradgradcheck(lambda f, m, p: aim_kernels.topdown_merge(f, m, p),
@@ -68,8 +70,9 @@ def test_topdown_merge_second_derivative_values():
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_gumbel_gradgradcheck(training):
-    logits = (torch.randn(2, 1, 4, 5, dtype=torch.float64) * 2).requires_grad_()
+@cpu_and_cuda
+def test_gumbel_gradgradcheck(training, device):
+    logits = (torch.randn(2, 1, 4, 5, dtype=torch.float64, device=device) * 2).requires_grad_()
     assert torch.autograd.gradgradcheck(
         lambda a: aim_kernels.gumbel_binarize(a, 0.7, training=training, seed=9, offset=2), (logits,))
 
@@ -88,8 +91,9 @@ def test_gumbel_second_derivative_closed_form():
 
 @pytest.mark.parametrize("needs", SUBSETS, ids="+".join)
 @pytest.mark.parametrize("mask_c", [1, 3], ids=["broadcast", "full"])
-def test_topdown_merge_saves_and_computes_only_what_is_needed(needs, mask_c):
-    tensors = dict(zip(("feat", "mask", "prev"), merge_inputs(mask_c, True)))
+@cpu_and_cuda
+def test_topdown_merge_saves_and_computes_only_what_is_needed(needs, mask_c, device):
+    tensors = dict(zip(("feat", "mask", "prev"), merge_inputs(mask_c, True, device=device)))
     for name in needs:
         tensors[name].requires_grad_()
     saved = []
@@ -107,8 +111,9 @@ def test_topdown_merge_saves_and_computes_only_what_is_needed(needs, mask_c):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_backward_op_skips_gradients_not_asked_for(channels_last):
-    feat, mask, _ = merge_inputs(1, False, channels_last=channels_last)
+@cpu_and_cuda
+def test_backward_op_skips_gradients_not_asked_for(channels_last, device):
+    feat, mask, _ = merge_inputs(1, False, channels_last=channels_last, device=device)
     g = torch.randn_like(feat)
     op = torch.ops.aim_kernels.topdown_merge_backward
     full = op(g, feat, mask, 1, [2, 2])
