@@ -84,12 +84,13 @@ def child(quick, threads):
             fns[(name, "forward")] = lambda fn=fn: common.no_grad_call(fn, logits)
             fns[(name, "forward+backward")] = lambda fn=fn: torch.autograd.grad(fn(logits), logits, grad)
         stats = common.time_interleaved(fns, rounds=8 if quick else 30, warmup=3)
+        peaks = common.peak_memory_mb(fns)
         memory = {name: saved_bytes(fn, logits) for name, fn in providers.items()}
         for (name, mode), t in stats.items():
             rows.append({
                 "allocator": os.environ.get(common.CHILD_ENV_FLAG, "inherited"), "threads": torch.get_num_threads(),
                 "shape": "x".join(map(str, shape)), "mode": mode, "provider": name,
-                "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
+                "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"], "peak_MB": peaks[(name, mode)],
                 "saved_bytes": memory[name][0], "saved_new_bytes": memory[name][1],
                 "logits_bytes": logits.numel() * logits.element_size(),
             })
@@ -108,7 +109,7 @@ def main():
     for r in rows:
         r["saved_vs_logits"] = r["saved_bytes"] / r["logits_bytes"]
     common.print_table(rows, ["allocator", "threads", "shape", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
-                              "x_vs_eager", "x_vs_compile", "saved_bytes", "saved_new_bytes"])
+                              "x_vs_eager", "x_vs_compile", "peak_MB", "saved_bytes", "saved_new_bytes"])
     stem = "gumbel_binarize" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
     paths = common.write_results(stem, rows, common.machine_info())
     print("wrote", *paths)

@@ -51,6 +51,7 @@ def child(quick):
             fns[(name, "forward")] = lambda fn=fn: common.no_grad_call(fn, feat, mask, prev)
             fns[(name, "forward+backward")] = lambda fn=fn: torch.autograd.grad(fn(feat, mask, prev), (feat, mask, prev), grad)
         stats = common.time_interleaved(fns, rounds=8 if quick else 30)
+        peaks = common.peak_memory_mb({k: f for k, f in fns.items() if k != "torch.add"})
         bandwidth = add_bytes / (stats.pop("torch.add")["median_ms"] * 1e-3) / 1e9
         for (name, mode), t in stats.items():
             gbs = nbytes[mode] / (t["median_ms"] * 1e-3) / 1e9
@@ -58,7 +59,7 @@ def child(quick):
                 "allocator": os.environ.get(common.CHILD_ENV_FLAG, "inherited"),
                 "shape": f"{n}x{c}x{H}x{W}<-{h}x{w}", "mode": mode, "provider": name,
                 "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
-                "GB/s": gbs, "frac_of_add_bw": gbs / bandwidth, "add_bw_GB/s": bandwidth,
+                "peak_MB": peaks[(name, mode)], "GB/s": gbs, "frac_of_add_bw": gbs / bandwidth, "add_bw_GB/s": bandwidth,
             })
     print(json.dumps(rows))
 
@@ -71,7 +72,7 @@ def main():
         return child(args.quick)
     rows = [r for part in common.run_under_both_allocators(__file__, sys.argv[1:]) for r in part]
     common.add_speedups(rows)
-    common.print_table(rows, ["allocator", "shape", "mode", "provider", "median_ms", "GB/s", "frac_of_add_bw",
+    common.print_table(rows, ["allocator", "shape", "mode", "provider", "median_ms", "peak_MB", "GB/s", "frac_of_add_bw",
                               "x_vs_eager", "x_vs_compile"])
     baselines = {(r["allocator"], r["shape"]): r["add_bw_GB/s"] for r in rows}
     print("bandwidth baseline, torch.add(a, b, out=c) float32, measured interleaved with each shape:")
