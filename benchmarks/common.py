@@ -68,8 +68,9 @@ def peak_memory_mb(fns, device="cpu"):
 
     CUDA: torch.cuda.max_memory_allocated. CPU: the growth of the process's peak resident set
     (VmHWM, reset through /proc/self/clear_refs) with glibc told to mmap every block of 64 KB
-    or more, so that freed tensors leave the resident set at once and it follows live tensors,
-    C++ temporaries included. Call it after timing: the mallopt stays in force."""
+    or more and its free pages returned (malloc_trim) before each call, so that the resident
+    set follows live tensors, C++ temporaries included. Call it after all timing in a process:
+    the mallopt stays in force."""
     peaks = {}
     if torch.device(device).type == "cuda":
         for name, fn in fns.items():
@@ -80,9 +81,11 @@ def peak_memory_mb(fns, device="cpu"):
             torch.cuda.synchronize()
             peaks[name] = (torch.cuda.max_memory_allocated() - base) / 1e6
         return peaks
-    ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, PEAK_MMAP_THRESHOLD)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, PEAK_MMAP_THRESHOLD)
     for name, fn in fns.items():
-        fn()  # blocks freed by earlier calls are unmapped from here on
+        fn()
+        libc.malloc_trim(0)  # free heap pages (from before the mallopt) reused later would not count
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _status_kb("VmRSS")
