@@ -8,7 +8,7 @@ from torch import Tensor
 from aim_kernels import reference
 from aim_kernels._checks import check_positive_finite, check_tensor
 from aim_kernels._cuda_backend import register_triton_impl
-from aim_kernels._library import call_below_autograd, define, memory_format_of, register_function
+from aim_kernels._library import apply, call_below_autograd, define, memory_format_of, register_function, with_eager_variant
 
 # seed: 0-d int64 tensor on logits' device (None in evaluation). A tensor, not an int, so
 # that seed=None can be drawn from the device's generator inside a compiled graph, and a
@@ -72,7 +72,9 @@ def gumbel_binarize(logits: Tensor, temperature: float = 1.0, *, training: bool 
         seed_tensor = torch.tensor(_as_int64(seed), dtype=torch.int64, device=logits.device)
     if torch.compiler.is_compiling():  # torch.compile traces the op and its Autograd kernel
         return _forward(logits, temperature, training, seed_tensor, offset)
-    return _Binarize.apply(logits, temperature, training, seed_tensor, offset)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return call_below_autograd(_forward, logits, temperature, training, seed_tensor, offset)  # no graph to record
+    return apply(_Binarize, logits, temperature, training, seed_tensor, offset)
 
 
 def draw_seed(device):
@@ -126,6 +128,7 @@ def _(grad_out, logits, temperature, training, seed, offset):
     return torch.empty_like(logits, memory_format=memory_format_of(logits))
 
 
+@with_eager_variant
 class _Binarize(torch.autograd.Function):
     generate_vmap_rule = True  # through the ops' batching rules below
 
@@ -142,10 +145,13 @@ class _Binarize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         logits, seed = ctx.saved_tensors
-        grad = _BinarizeBackward.apply(grad_out, logits, ctx.temperature, ctx.training, seed, ctx.offset)
-        return grad, None, None, None, None
+        args = (grad_out, logits, ctx.temperature, ctx.training, seed, ctx.offset)
+        if torch.is_grad_enabled():  # create_graph: record the backward op, for a higher derivative
+            return apply(_BinarizeBackward, *args), None, None, None, None
+        return call_below_autograd(_backward, *args), None, None, None, None
 
 
+@with_eager_variant
 class _BinarizeBackward(torch.autograd.Function):
     """The straight-through gradient g * s * (1 - s) / T, s = sigmoid((logits + noise) / T),
     differentiable: linear in g (its derivative there is the backward op itself), and
@@ -169,7 +175,7 @@ class _BinarizeBackward(torch.autograd.Function):
         grad_out, logits, seed = ctx.saved_tensors
         d_grad_out = d_logits = None
         if ctx.needs_input_grad[0]:
-            d_grad_out = _BinarizeBackward.apply(gg, logits, ctx.temperature, ctx.training, seed, ctx.offset)
+            d_grad_out = apply(_BinarizeBackward, gg, logits, ctx.temperature, ctx.training, seed, ctx.offset)
         if ctx.needs_input_grad[1]:
             t = ctx.temperature
             s = torch.sigmoid(reference.straight_through_argument(logits, t, ctx.training, seed, ctx.offset))

@@ -4,7 +4,7 @@ Autograd (any order), torch.func (grad, vjp, jacrev, vmap), autocast, torch.comp
 (fake kernels) and FX (the public function is a leaf, like torch.nn.functional's) are all
 handled here; the kernels themselves live in csrc/ and aim_kernels/triton/.
 """
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +13,8 @@ from torch import Tensor
 from aim_kernels import reference
 from aim_kernels._checks import check_same_dtype_device, check_tensor
 from aim_kernels._cuda_backend import register_triton_impl
-from aim_kernels._library import (call_below_autograd, define, memory_format_of, register_autocast,
-                                  register_function)
+from aim_kernels._library import (apply, call_below_autograd, define, memory_format_of, register_autocast,
+                                  register_function, with_eager_variant)
 
 
 def _fallback_forward(feat, mask, prev):
@@ -67,7 +67,9 @@ def topdown_merge(feat: Tensor, mask: Tensor, prev: Optional[Tensor] = None) -> 
         # The op itself: its autocast rule promotes, its Autograd kernel is _Merge (and
         # torch.compile traces ops, not the Function's dispatcher guard).
         return _forward(feat, mask, prev)
-    return _Merge.apply(feat, mask, prev)
+    if not (torch.is_grad_enabled() and torch._C._any_requires_grad(feat, mask, prev)):
+        return call_below_autograd(_forward, feat, mask, prev)  # no graph to record: skip the Function
+    return apply(_Merge, feat, mask, prev)
 
 
 def validate(feat, mask, prev, same_dtype=True):
@@ -147,6 +149,7 @@ def _(grad_out, feat, mask, mask_channels, prev_size):
 
 # ---- autograd ----------------------------------------------------------------------------
 
+@with_eager_variant
 class _Merge(torch.autograd.Function):
     generate_vmap_rule = True  # vmap runs forward and backward through the ops' batching rules below
 
@@ -171,7 +174,11 @@ class _Merge(torch.autograd.Function):
             return None, None, None
         feat, mask = ctx.saved_tensors
         grad_out = grad_out.contiguous(memory_format=ctx.out_format)
-        grad_feat, grad_mask, grad_prev = _MergeBackward.apply(grad_out, feat, mask, ctx.mask_channels, ctx.prev_size)
+        args = (grad_out, feat, mask, ctx.mask_channels, ctx.prev_size)
+        if torch.is_grad_enabled():  # create_graph: record the backward op, for a higher derivative
+            grad_feat, grad_mask, grad_prev = apply(_MergeBackward, *args)
+        else:
+            grad_feat, grad_mask, grad_prev = call_below_autograd(_backward, *args)
         return (grad_feat if mask is not None else None, grad_mask if feat is not None else None,
                 grad_prev if ctx.prev_size else None)
 
@@ -181,6 +188,7 @@ def _broadcast_sum(t, channels):
     return t.sum(1, keepdim=True) if channels == 1 and t.shape[1] != 1 else t
 
 
+@with_eager_variant
 class _MergeBackward(torch.autograd.Function):
     """The backward op, differentiable: it is linear in grad_out and in each of feat and mask,
     so its derivatives are the same products and sums, written in plain PyTorch ops (which
