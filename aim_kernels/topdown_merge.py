@@ -64,7 +64,7 @@ def topdown_merge(feat: Tensor, mask: Tensor, prev: Optional[Tensor] = None) -> 
     autocast = isinstance(feat, Tensor) and torch.is_autocast_enabled(feat.device.type)
     validate(feat, mask, prev, same_dtype=not autocast)
     if autocast or torch.compiler.is_compiling():
-        # The op itself: its autocast rule promotes, its Autograd kernel is _Merge (and
+        # The op itself: its autocast rule promotes, its Autograd kernel is _Merge.eager (and
         # torch.compile traces ops, not the Function's dispatcher guard).
         return _forward(feat, mask, prev)
     if not (torch.is_grad_enabled() and torch._C._any_requires_grad(feat, mask, prev)):
