@@ -82,6 +82,20 @@ def test_forward_and_backward_match_reference(interpreted, shape, mask_channels,
 
 
 @needs_interpreter
+@pytest.mark.parametrize("mask_channels", ["1", "C"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_backward_computes_only_the_gradients_asked_for(interpreted, mask_channels, layout):
+    feat, mask, prev = _inputs((2, 5, 7, 6, (3, 4)), mask_channels, torch.float32, layout)
+    grad = torch.randn(feat.shape).contiguous(memory_format=LAYOUTS[layout])
+    full = interpreted.topdown_merge_backward(grad, feat, mask, mask.shape[1], [3, 4])
+    for given_feat, given_mask in ((feat, None), (None, mask), (None, None)):
+        got = interpreted.topdown_merge_backward(grad, given_feat, given_mask, mask.shape[1], [3, 4])
+        assert torch.equal(got[2], full[2])
+        assert torch.equal(got[0], full[0]) if given_mask is not None else got[0].numel() == 0
+        assert torch.equal(got[1], full[1]) if given_feat is not None else got[1].numel() == 0
+
+
+@needs_interpreter
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4, (2, 2)), (2, 0, 4, 4, (2, 2)), (2, 3, 0, 4, (0, 2)), (0, 3, 4, 4, None)], ids=str)
 def test_empty_shapes(interpreted, shape):
     n, c, h, w, prev_hw = shape
@@ -99,7 +113,7 @@ def test_half_footprint_longer_than_a_tile_accumulates_in_float32(interpreted):
     # prev 1x1 under a 16x16 map: 256 footprint slots, 16 tiles. Summing into a float16
     # grad_prev tile by tile would round 16 times; the launcher sums into float32 instead.
     feat, mask, prev = _inputs((1, 4, 16, 16, (1, 1)), "1", torch.float16, "nchw")
-    plan, *_, grad_prev, accumulator = interpreted.plan_backward(torch.ones_like(feat), feat, mask, [1, 1])
+    plan, *_, grad_prev, accumulator = interpreted.plan_backward(torch.ones_like(feat), feat, mask, mask.shape[1], [1, 1])
     assert accumulator.dtype == torch.float32 and plan.constexprs["BLOCK_K"] == interpreted.MAX_FOOTPRINT_SLOTS
     grad = torch.full_like(feat, 0.1)
     got = interpreted.topdown_merge_backward(grad, feat, mask, mask.shape[1], [1, 1])[2]
