@@ -48,8 +48,9 @@ def child(quick):
         nbytes = dict(zip(("forward", "forward+backward"), min_bytes(n, c, H, W, h, w)))
         fns = {"torch.add": add_fn}
         for name, fn in providers.items():
-            fns[(name, "forward")] = lambda fn=fn: common.no_grad_call(fn, feat, mask, prev)
-            fns[(name, "forward+backward")] = lambda fn=fn: torch.autograd.grad(fn(feat, mask, prev), (feat, mask, prev), grad)
+            # this shape's tensors bound now: peak memory is measured after the loop
+            fns[(name, "forward")] = lambda fn=fn, x=(feat, mask, prev): common.no_grad_call(fn, *x)
+            fns[(name, "forward+backward")] = lambda fn=fn, x=(feat, mask, prev), g=grad: torch.autograd.grad(fn(*x), x, g)
         stats = common.time_interleaved(fns, rounds=8 if quick else 30)
         fns.pop("torch.add")
         pending_peaks.append((fns, by_key := {}))
