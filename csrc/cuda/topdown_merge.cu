@@ -49,9 +49,6 @@ struct Dims {
   int64_t N, C, H, W, hs, ws;
   bool mask_full, has_prev;
   NearestAxis ys, xs;
-  // Backward: which of grad_feat (reads mask) and grad_mask (reads feat) are asked for; an
-  // input whose gradient is not asked for is a null pointer, never read.
-  bool grad_feat = true, grad_mask = true;
 };
 
 unsigned int blocks_for(int64_t threads) {
@@ -152,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nchw_kernel(const T* 
 #pragma unroll
     for (int k = 0; k < K * K; ++k) {
       mask_grad[k] = 0;
-      mask_value[k] = (d.grad_feat && !d.mask_full && fp.valid(k)) ? acc_t(mask[n * HW + fp.pix(k)]) : acc_t(0);
+      mask_value[k] = (!d.mask_full && fp.valid(k)) ? acc_t(mask[n * HW + fp.pix(k)]) : acc_t(0);
     }
     for (I c = 0; c < C; ++c) {
       const I plane = n * C + c, base = plane * HW;
@@ -161,18 +158,19 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nchw_kernel(const T* 
       for (int k = 0; k < K * K; ++k) {
         if (!fp.valid(k)) continue;
         const I off = base + fp.pix(k);
-        const acc_t g = acc_t(grad[off]);
-        if (d.grad_mask) {
-          const acc_t f = acc_t(feat[off]);
-          if (d.mask_full) grad_mask[off] = T(g * f);
-          else mask_grad[k] += g * f;
+        const acc_t g = acc_t(grad[off]), f = acc_t(feat[off]);
+        if (d.mask_full) {
+          grad_feat[off] = T(g * acc_t(mask[off]));
+          grad_mask[off] = T(g * f);
+        } else {
+          grad_feat[off] = T(g * mask_value[k]);
+          mask_grad[k] += g * f;
         }
-        if (d.grad_feat) grad_feat[off] = T(g * (d.mask_full ? acc_t(mask[off]) : mask_value[k]));
         prev_grad += g;
       }
       if constexpr (WRITE_GRAD_PREV) grad_prev[(plane * hs + sy) * ws + sx] = T(prev_grad);
     }
-    if (d.grad_mask && !d.mask_full) {
+    if (!d.mask_full) {
 #pragma unroll
       for (int k = 0; k < K * K; ++k) {
         if (fp.valid(k)) grad_mask[n * HW + fp.pix(k)] = T(mask_grad[k]);
@@ -210,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nhwc_kernel(const T* 
 #pragma unroll
     for (int k = 0; k < K * K; ++k) {
       mask_grad[k] = 0;
-      mask_value[k] = (active && d.grad_feat && !d.mask_full && fp.valid(k)) ? acc_t(mask[n * HW + fp.pix(k)]) : acc_t(0);
+      mask_value[k] = (active && !d.mask_full && fp.valid(k)) ? acc_t(mask[n * HW + fp.pix(k)]) : acc_t(0);
     }
     for (I c = I(lane) * VEC; active && c < C; c += I(group) * VEC) {
       acc_t prev_grad[VEC];
@@ -221,30 +219,25 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nhwc_kernel(const T* 
         if (!fp.valid(k)) continue;
         const I off = (n * HW + fp.pix(k)) * C + c;
         const P g = *reinterpret_cast<const P*>(grad + off);
-        if (d.grad_mask) {
-          const P f = *reinterpret_cast<const P*>(feat + off);
-          if (d.mask_full) {
-            P gm;
+        const P f = *reinterpret_cast<const P*>(feat + off);
+        P gf;
+        if (d.mask_full) {
+          const P m = *reinterpret_cast<const P*>(mask + off);
+          P gm;
 #pragma unroll
-            for (int v = 0; v < VEC; ++v) gm.v[v] = T(acc_t(g.v[v]) * acc_t(f.v[v]));
-            *reinterpret_cast<P*>(grad_mask + off) = gm;
-          } else {
+          for (int v = 0; v < VEC; ++v) {
+            gf.v[v] = T(acc_t(g.v[v]) * acc_t(m.v[v]));
+            gm.v[v] = T(acc_t(g.v[v]) * acc_t(f.v[v]));
+          }
+          *reinterpret_cast<P*>(grad_mask + off) = gm;
+        } else {
 #pragma unroll
-            for (int v = 0; v < VEC; ++v) mask_grad[k] += acc_t(g.v[v]) * acc_t(f.v[v]);
+          for (int v = 0; v < VEC; ++v) {
+            gf.v[v] = T(acc_t(g.v[v]) * mask_value[k]);
+            mask_grad[k] += acc_t(g.v[v]) * acc_t(f.v[v]);
           }
         }
-        if (d.grad_feat) {
-          P gf;
-          if (d.mask_full) {
-            const P m = *reinterpret_cast<const P*>(mask + off);
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) gf.v[v] = T(acc_t(g.v[v]) * acc_t(m.v[v]));
-          } else {
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) gf.v[v] = T(acc_t(g.v[v]) * mask_value[k]);
-          }
-          *reinterpret_cast<P*>(grad_feat + off) = gf;
-        }
+        *reinterpret_cast<P*>(grad_feat + off) = gf;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) prev_grad[v] += acc_t(g.v[v]);
       }
@@ -255,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nhwc_kernel(const T* 
         *reinterpret_cast<P*>(grad_prev + ((n * hs + sy) * ws + sx) * C + c) = gp;
       }
     }
-    if (d.grad_mask && !d.mask_full) {  // the same for every lane: the shuffles stay convergent
+    if (!d.mask_full) {
 #pragma unroll
       for (int k = 0; k < K * K; ++k) {
         acc_t v = mask_grad[k];
@@ -404,17 +397,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cuda(const
   const c10::cuda::CUDAGuard guard(grad.device());
   const MergeBackward b = prepare_merge_backward(grad, feat, mask, mask_channels, prev_size);
   if (b.grad.numel() == 0) return {b.gfeat, b.gmask, b.gprev};
-  Dims d = dims_of(b.geometry);
-  d.grad_feat = b.want_feat_grad;
-  d.grad_mask = b.want_mask_grad;
+  const Dims d = dims_of(b.geometry);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // The CUDA kernels always compute grad_feat and grad_mask: an input not passed is read as
+  // zeros and its gradient written to scratch (the saved-memory saving holds, the time one not).
+  const auto layout = b.grad.options().memory_format(b.fmt);
+  const at::Tensor feat_in = b.want_mask_grad ? b.feat : at::zeros(b.grad.sizes(), layout);
+  const at::Tensor mask_in = b.want_feat_grad ? b.mask : at::zeros({d.N, mask_channels, d.H, d.W}, layout);
+  const at::Tensor gfeat = b.want_feat_grad ? b.gfeat : at::empty_like(feat_in);
+  const at::Tensor gmask = b.want_mask_grad ? b.gmask : at::empty_like(mask_in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad.scalar_type(), "topdown_merge_backward_cuda", [&] {
     auto launch = fits_int32(d) ? launch_backward<scalar_t, int32_t> : launch_backward<scalar_t, int64_t>;
-    // What is not asked for is null (see Dims).
-    launch(b.grad.const_data_ptr<scalar_t>(), d.grad_mask ? b.feat.const_data_ptr<scalar_t>() : nullptr,
-           d.grad_feat ? b.mask.const_data_ptr<scalar_t>() : nullptr,
-           d.grad_feat ? b.gfeat.mutable_data_ptr<scalar_t>() : nullptr,
-           d.grad_mask ? b.gmask.mutable_data_ptr<scalar_t>() : nullptr,
+    launch(b.grad.const_data_ptr<scalar_t>(), feat_in.const_data_ptr<scalar_t>(), mask_in.const_data_ptr<scalar_t>(),
+           gfeat.mutable_data_ptr<scalar_t>(), gmask.mutable_data_ptr<scalar_t>(),
            d.has_prev ? b.gprev.mutable_data_ptr<scalar_t>() : nullptr, d, b.fmt == at::MemoryFormat::ChannelsLast, stream);
   });
   return {b.gfeat, b.gmask, b.gprev};
