@@ -229,6 +229,8 @@ class FusedTopDownMask(nn.Module):
         previous_size = None
         for name, expected in zip(names, self.in_channels_list):
             t = x[name]
+            if isinstance(t, torch.fx.Proxy):  # FX symbolic tracing: no shapes to check until it runs
+                continue
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise ValueError(f"stage {name!r} must be a 4-D NCHW tensor, got {getattr(t, 'shape', type(t).__name__)}")
             if t.shape[1] != expected:

@@ -9,7 +9,7 @@ def _status(available, reason=None):
     return {"available": bool(available), "reason": None if available else reason}
 
 
-def backends():
+def backends() -> dict:
     """Report of every backend: ``{name: {"available": bool, "reason": str | None}}``.
 
     cpu: the C++ kernels in aim_kernels._C; cuda: its CUDA kernels (built, and a GPU

@@ -16,9 +16,10 @@ def check_tensor(name, t, ndim=None):
         raise ValueError(f"{name} must be a {ndim}-D tensor, got shape {tuple(t.shape)}")
 
 
-def check_same_dtype_device(reference_name, reference, **others):
+def check_same_dtype_device(reference_name, reference, same_dtype=True, **others):
+    """same_dtype=False checks only the device (under autocast, ops promote mixed dtypes)."""
     for name, t in others.items():
-        if t.dtype != reference.dtype:
+        if same_dtype and t.dtype != reference.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {reference_name} has {reference.dtype}; they must match")
         if t.device != reference.device:
             raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}; they must match")

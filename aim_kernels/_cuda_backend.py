@@ -73,7 +73,7 @@ def unavailable_reason(name):
     raise ValueError(f"CUDA backend must be one of {CHOICES}, got {name!r}")
 
 
-def set_cuda_backend(name):
+def set_cuda_backend(name: str) -> None:
     """Serve every aim_kernels op on CUDA tensors with `name` ("cuda" or "triton")."""
     global _selected, _triton_library
     reason = unavailable_reason(name)
@@ -89,7 +89,7 @@ def set_cuda_backend(name):
     _selected = name
 
 
-def get_cuda_backend():
+def get_cuda_backend() -> "str | None":
     """The backend serving aim_kernels ops on CUDA tensors: "cuda", "triton", or None when
     neither is usable (the plain-PyTorch reference then runs)."""
     return _selected

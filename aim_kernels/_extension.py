@@ -1,7 +1,7 @@
 """Loads the compiled kernels (aim_kernels._C) if they were built; records why not otherwise.
 
-Importing _C runs its TORCH_LIBRARY_IMPL registrations against the schemas that
-aim_kernels/_schemas.py defined. Set AIM_KERNELS_DISABLE_EXT=1 to skip it and run every
+Importing _C runs its TORCH_LIBRARY_IMPL registrations against the schemas the op modules
+(aim_kernels/topdown_merge.py, gumbel_binarize.py) declared through _library.define. Set AIM_KERNELS_DISABLE_EXT=1 to skip it and run every
 op on the plain-PyTorch reference path.
 """
 import logging

@@ -1,10 +1,13 @@
 """The AIM mask loss: per top-down stage, L = (r - tau)^2 with r the fraction of active
 mask entries; the stages' losses are summed (the paper weights the sum by lambda = 6 in
 the total loss, which is the caller's business)."""
+from typing import Sequence, Union
+
 import torch
+from torch import Tensor
 
 
-def mask_loss(masks, targets):
+def mask_loss(masks: Union[Tensor, Sequence[Tensor]], targets: Union[float, Sequence[float]]) -> Tensor:
     """Sum over stages of ``(masks[l].mean() - targets[l]) ** 2``.
 
     Args:

@@ -122,17 +122,22 @@ def _backward_rule(ctx, grad_out):
     """Dense composite backward: conv2d's and topdown_merge's, through their own ops."""
     x, weight, bias, mask = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
-    needs_x, needs_weight, needs_bias, needs_mask = ctx.needs_input_grad[:4]
+    needs_x, needs_weight, needs_bias, needs_mask, needs_prev = ctx.needs_input_grad[:5]
+    needs_conv = needs_x or needs_weight or needs_bias
+    # topdown_merge_backward's gradients take grad_out's layout: the forward output's.
+    fmt = memory_format_of(x)
+    grad_out = grad_out.contiguous(memory_format=fmt)
     # The convolution's output enters only the mask's gradient: recomputed (densely) only for it.
-    conv = F.conv2d(x, weight, bias, stride, padding, dilation, groups) if needs_mask else grad_out
-    grad_conv, grad_mask, grad_prev = torch.ops.aim_kernels.topdown_merge_backward(grad_out, conv, mask, ctx.prev_size)
+    conv = F.conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous(memory_format=fmt) if needs_mask else None
+    grad_conv, grad_mask, grad_prev = torch.ops.aim_kernels.topdown_merge_backward(
+        grad_out, conv, mask if needs_conv else None, mask.shape[1], ctx.prev_size if needs_prev else [])
     grad_x = grad_weight = grad_bias = None
-    if needs_x or needs_weight or needs_bias:
+    if needs_conv:
         grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_conv, x, weight, None if bias is None else [bias.shape[0]], stride, padding, dilation, False, [0, 0],
             groups, [needs_x, needs_weight, needs_bias and bias is not None])
     return (grad_x, grad_weight, grad_bias, grad_mask if needs_mask else None,
-            grad_prev if ctx.prev_size else None, None, None, None, None)
+            grad_prev if needs_prev and ctx.prev_size else None, None, None, None, None)
 
 
 torch.library.register_autograd("aim_kernels::masked_conv2d", _backward_rule, setup_context=_setup_context)

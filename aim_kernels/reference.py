@@ -19,20 +19,21 @@ def topdown_merge(feat, mask, prev=None):
 
 
 def topdown_merge_backward(grad_out, feat, mask, prev_size):
-    """Gradients of topdown_merge by autograd of the forward above.
+    """Gradients of topdown_merge, the ATen ops autograd of the forward above would run.
 
     prev_size is [h, w] of prev, or [] when there was none (grad_prev is then empty)."""
-    with torch.enable_grad():
-        feat_ = feat.detach().requires_grad_()
-        mask_ = mask.detach().requires_grad_()
-        inputs = [feat_, mask_]
-        prev_ = None
-        if len(prev_size) == 2:
-            prev_ = feat.new_zeros(feat.shape[0], feat.shape[1], *prev_size).requires_grad_()
-            inputs.append(prev_)
-        grads = torch.autograd.grad(topdown_merge(feat_, mask_, prev_), inputs, grad_out)
-    grad_prev = grads[2] if prev_ is not None else feat.new_empty(0)
-    return grads[0], grads[1], grad_prev
+    grad_feat = grad_out * mask
+    grad_mask = grad_out * feat
+    if mask.shape[1] == 1 and feat.shape[1] != 1:  # summed over the channels the mask was broadcast to
+        grad_mask = grad_mask.sum(1, keepdim=True)
+    if len(prev_size) != 2:
+        grad_prev = feat.new_empty(0)
+    elif grad_out.numel() == 0:  # the forward added nothing from prev
+        grad_prev = feat.new_zeros(feat.shape[0], feat.shape[1], *prev_size)
+    else:
+        grad_prev = torch.ops.aten.upsample_nearest2d_backward(
+            grad_out, list(grad_out.shape[2:]), [feat.shape[0], feat.shape[1], *prev_size])
+    return grad_feat, grad_mask, grad_prev
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,24 +169,34 @@ def gumbel_binarize(logits, temperature, training, seed, offset):
     return out.contiguous(memory_format=memory_format_of(logits))
 
 
+def straight_through_argument(logits, temperature, training, seed, offset):
+    """(logits + noise) / temperature in float32 (float64 for float64 logits): soft is its
+    sigmoid. No noise in evaluation."""
+    a = logits.to(_opmath(logits.dtype))
+    if training:
+        a = a + _noise_like(logits, seed, offset)
+    return a / temperature
+
+
 def gumbel_binarize_backward(grad_out, logits, temperature, training, seed, offset):
     """Straight-through gradient: grad_out * soft * (1 - soft) / temperature with
     soft = sigmoid((logits + noise) / temperature), the noise recomputed from (seed, offset)
     (no noise in evaluation)."""
-    a = logits.to(_opmath(logits.dtype))
-    if training:
-        a = a + _noise_like(logits, seed, offset)
-    soft = torch.sigmoid(a / temperature)
-    grad = grad_out.to(a.dtype) * (soft * (1 - soft) / temperature)
+    soft = torch.sigmoid(straight_through_argument(logits, temperature, training, seed, offset))
+    grad = grad_out.to(soft.dtype) * (soft * (1 - soft) / temperature)
     return grad.to(logits.dtype).contiguous(memory_format=memory_format_of(logits))
 
 
 class _GumbelStraightThrough(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, temperature, training, seed, offset):
+    def forward(logits, temperature, training, seed, offset):
+        return gumbel_binarize(logits, temperature, training, seed, offset)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # a separate setup_context: torch.func needs it
+        logits, temperature, training, seed, offset = inputs
         ctx.save_for_backward(logits, seed)
         ctx.temperature, ctx.training, ctx.offset = temperature, training, offset
-        return gumbel_binarize(logits, temperature, training, seed, offset)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -75,24 +75,29 @@ def child(quick, threads):
     compiled = torch.compile(eager_straight_through, dynamic=False)
     providers = {"eager": eager_straight_through, "gumbel_softmax": gumbel_softmax_two_channels,
                  "torch.compile": compiled, "aim_kernels": ours}
-    rows = []
+    rows, pending_peaks = [], []
     for shape in QUICK_CASES if quick else CASES:
         logits = torch.randn(shape, requires_grad=True)
         grad = torch.randn(shape)
         fns = {}
         for name, fn in providers.items():
-            fns[(name, "forward")] = lambda fn=fn: common.no_grad_call(fn, logits)
-            fns[(name, "forward+backward")] = lambda fn=fn: torch.autograd.grad(fn(logits), logits, grad)
+            # this shape's tensors bound now: peak memory is measured after the loop
+            fns[(name, "forward")] = lambda fn=fn, x=logits: common.no_grad_call(fn, x)
+            fns[(name, "forward+backward")] = lambda fn=fn, x=logits, g=grad: torch.autograd.grad(fn(x), x, g)
         stats = common.time_interleaved(fns, rounds=8 if quick else 30, warmup=3)
+        pending_peaks.append((fns, by_key := {}))
         memory = {name: saved_bytes(fn, logits) for name, fn in providers.items()}
         for (name, mode), t in stats.items():
-            rows.append({
+            rows.append(by_key.setdefault((name, mode), {
                 "allocator": os.environ.get(common.CHILD_ENV_FLAG, "inherited"), "threads": torch.get_num_threads(),
                 "shape": "x".join(map(str, shape)), "mode": mode, "provider": name,
-                "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
+                "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"], "peak_MB": None,
                 "saved_bytes": memory[name][0], "saved_new_bytes": memory[name][1],
                 "logits_bytes": logits.numel() * logits.element_size(),
-            })
+            }))
+    for fns, by_key in pending_peaks:  # after all timing: peak_memory_mb changes the allocator's settings
+        for key, megabytes in common.peak_memory_mb(fns).items():
+            by_key[key]["peak_MB"] = megabytes
     print(json.dumps(rows))
 
 
@@ -108,7 +113,7 @@ def main():
     for r in rows:
         r["saved_vs_logits"] = r["saved_bytes"] / r["logits_bytes"]
     common.print_table(rows, ["allocator", "threads", "shape", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
-                              "x_vs_eager", "x_vs_compile", "saved_bytes", "saved_new_bytes"])
+                              "x_vs_eager", "x_vs_compile", "peak_MB", "saved_bytes", "saved_new_bytes"])
     stem = "gumbel_binarize" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
     paths = common.write_results(stem, rows, common.machine_info())
     print("wrote", *paths)

@@ -39,7 +39,7 @@ def child(quick):
     compiled = torch.compile(reference.topdown_merge, dynamic=False)
     providers = {"aim_kernels": aim_kernels.topdown_merge, "eager": reference.topdown_merge, "torch.compile": compiled}
     add_fn, add_bytes = common.bandwidth_probe()
-    rows = []
+    rows, pending_peaks = [], []
     for n, c, H, W, h, w in QUICK_CASES if quick else CASES:
         feat = torch.randn(n, c, H, W, requires_grad=True)
         mask = (torch.rand(n, 1, H, W) > 0.5).float().requires_grad_()
@@ -48,18 +48,24 @@ def child(quick):
         nbytes = dict(zip(("forward", "forward+backward"), min_bytes(n, c, H, W, h, w)))
         fns = {"torch.add": add_fn}
         for name, fn in providers.items():
-            fns[(name, "forward")] = lambda fn=fn: common.no_grad_call(fn, feat, mask, prev)
-            fns[(name, "forward+backward")] = lambda fn=fn: torch.autograd.grad(fn(feat, mask, prev), (feat, mask, prev), grad)
+            # this shape's tensors bound now: peak memory is measured after the loop
+            fns[(name, "forward")] = lambda fn=fn, x=(feat, mask, prev): common.no_grad_call(fn, *x)
+            fns[(name, "forward+backward")] = lambda fn=fn, x=(feat, mask, prev), g=grad: torch.autograd.grad(fn(*x), x, g)
         stats = common.time_interleaved(fns, rounds=8 if quick else 30)
+        fns.pop("torch.add")
+        pending_peaks.append((fns, by_key := {}))
         bandwidth = add_bytes / (stats.pop("torch.add")["median_ms"] * 1e-3) / 1e9
         for (name, mode), t in stats.items():
             gbs = nbytes[mode] / (t["median_ms"] * 1e-3) / 1e9
-            rows.append({
+            rows.append(by_key.setdefault((name, mode), {
                 "allocator": os.environ.get(common.CHILD_ENV_FLAG, "inherited"),
                 "shape": f"{n}x{c}x{H}x{W}<-{h}x{w}", "mode": mode, "provider": name,
                 "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
-                "GB/s": gbs, "frac_of_add_bw": gbs / bandwidth, "add_bw_GB/s": bandwidth,
-            })
+                "peak_MB": None, "GB/s": gbs, "frac_of_add_bw": gbs / bandwidth, "add_bw_GB/s": bandwidth,
+            }))
+    for fns, by_key in pending_peaks:  # after all timing: peak_memory_mb changes the allocator's settings
+        for key, megabytes in common.peak_memory_mb(fns).items():
+            by_key[key]["peak_MB"] = megabytes
     print(json.dumps(rows))
 
 
@@ -71,7 +77,7 @@ def main():
         return child(args.quick)
     rows = [r for part in common.run_under_both_allocators(__file__, sys.argv[1:]) for r in part]
     common.add_speedups(rows)
-    common.print_table(rows, ["allocator", "shape", "mode", "provider", "median_ms", "GB/s", "frac_of_add_bw",
+    common.print_table(rows, ["allocator", "shape", "mode", "provider", "median_ms", "peak_MB", "GB/s", "frac_of_add_bw",
                               "x_vs_eager", "x_vs_compile"])
     baselines = {(r["allocator"], r["shape"]): r["add_bw_GB/s"] for r in rows}
     print("bandwidth baseline, torch.add(a, b, out=c) float32, measured interleaved with each shape:")

@@ -5,7 +5,9 @@ Every number is relative to something measured in the same process: the eager re
 torch.compile of the reference, and torch.add(a, b, out=c) on large float32 tensors (this
 machine's achievable elementwise bandwidth).
 """
+import ctypes
 import csv
+import datetime
 import json
 import os
 import platform
@@ -57,12 +59,92 @@ def bandwidth_probe(numel=BANDWIDTH_NUMEL):
     return (lambda: torch.add(a, b, out=c)), 12 * numel
 
 
-def machine_info():
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+PEAK_MMAP_THRESHOLD = 64 * 1024
+
+
+def peak_memory_mb(fns, device="cpu"):
+    """Peak memory (MB) one call of each named callable adds on top of what is live before it.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the growth of the process's peak resident set
+    (VmHWM, reset through /proc/self/clear_refs) with glibc told to mmap every block of 64 KB
+    or more and its free pages returned (malloc_trim) before each call, so that the resident
+    set follows live tensors, C++ temporaries included. Call it after all timing in a process:
+    the mallopt stays in force."""
+    peaks = {}
+    if torch.device(device).type == "cuda":
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 1e6
+        return peaks
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, PEAK_MMAP_THRESHOLD)
+    for name, fn in fns.items():
+        fn()
+        libc.malloc_trim(0)  # free heap pages (from before the mallopt) reused later would not count
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kb("VmRSS")
+        fn()
+        peaks[name] = (_status_kb("VmHWM") - base) * 1024 / 1e6
+    return peaks
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _git_commit():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def _package_version():
+    from importlib import metadata
+
+    try:
+        return metadata.version("aim-kernels")
+    except metadata.PackageNotFoundError:
+        return "source tree (not installed)"
+
+
+def device_name(device="cpu"):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device="cpu"):
+    """What every result file records: where, when, with what code."""
     return {
         "machine": platform.node(),
-        "processor": platform.processor() or platform.machine(),
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "aim_kernels": _package_version(),
+        "git_commit": _git_commit(),
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -83,6 +165,10 @@ def run_under_both_allocators(script, extra_args):
 
 
 def write_results(stem, rows, meta):
+    """results/<stem>.json ({"meta", "rows"}) and .csv (every row with the meta's provenance
+    columns: commit, time, version, device)."""
+    provenance = {k: meta[k] for k in ("git_commit", "timestamp_utc", "aim_kernels", "device")}
+    rows = [dict(r, **provenance) for r in rows]
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     base = os.path.join(os.path.dirname(__file__), "results", stem)
     with open(base + ".json", "w") as f:

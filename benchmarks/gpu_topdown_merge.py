@@ -3,17 +3,20 @@ forward and forward+backward, timed with triton.testing.do_bench in the same run
 the bytes each kernel must move, and that as a fraction of the device's peak DRAM bandwidth
 (from its memory clock and bus width).
 
-    PYTHONPATH=. python benchmarks/gpu_topdown_merge.py [--quick] [--csv benchmarks/results/gpu_topdown_merge.csv]
+    PYTHONPATH=. python benchmarks/gpu_topdown_merge.py [--quick]
 
+Writes benchmarks/results/gpu_topdown_merge.{json,csv} through common.write_results (the CPU
+scripts' schema: median and 20/80th percentiles, peak memory, commit, time, version, device).
 Needs a CUDA device; exits with a message (status 0) when there is none.
 """
 import argparse
-import csv
 import os
-import platform
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 # AIM-sized stages (ConvNeXt-T at 224: strides 4/8/16 give 56/28/14; prev is the stage above).
 SHAPES = [(16, 256, 56, 56, 28, 28), (16, 256, 28, 28, 14, 14), (16, 256, 14, 14, 7, 7)]
@@ -36,7 +39,6 @@ def bytes_moved(n, c, h, w, hp, wp, element, backward):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small shape (a smoke run)")
-    parser.add_argument("--csv", help="append rows here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -68,22 +70,21 @@ def main():
                     if mode == "forward":
                         run = lambda: fn(feat.detach(), mask.detach(), prev.detach())  # noqa: E731
                     else:
-                        run = lambda: fn(feat, mask, prev).backward(grad)  # noqa: E731
-                    ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-                    gbs = bytes_moved(n, c, h, w, hp, wp, feat.element_size(), mode != "forward") / ms / 1e6
-                    rows.append(dict(machine=platform.node(), device=torch.cuda.get_device_name(0), dtype=str(dtype),
-                                     shape=f"{n}x{c}x{h}x{w} from {hp}x{wp}", provider=name, mode=mode,
-                                     ms=round(ms, 4), gbs=round(gbs, 1), fraction_of_peak=round(gbs / peak, 3)))
-                    print(f"{rows[-1]['shape']:<26} {str(dtype):<14} {mode:<17} {name:<7} {ms:8.4f} ms "
-                          f"{gbs:8.1f} GB/s  {gbs / peak:6.1%} of peak {peak:.0f} GB/s")
-    if args.csv:
-        new = not os.path.exists(args.csv)
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+                        run = lambda: torch.autograd.grad(fn(feat, mask, prev), (feat, mask, prev), grad)  # noqa: E731
+                    p20, median, p80 = triton.testing.do_bench(run, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+                    gbs = bytes_moved(n, c, h, w, hp, wp, feat.element_size(), mode != "forward") / median / 1e6
+                    rows.append(dict(allocator="cuda-caching", dtype=str(dtype), shape=f"{n}x{c}x{h}x{w}<-{hp}x{wp}",
+                                     mode=mode, provider=name, median_ms=median, p20_ms=p20, p80_ms=p80,
+                                     peak_MB=common.peak_memory_mb({0: run}, "cuda")[0],
+                                     **{"GB/s": gbs, "frac_of_peak_bw": gbs / peak}))
+    # speedups per dtype: add_speedups keys on (allocator, shape, mode), so fold the dtype into the shape
+    for r in rows:
+        r["shape"] = f"{r['shape']} {r.pop('dtype')}"
+    common.add_speedups(rows, baselines=(("x_vs_eager", "eager"),))
+    common.print_table(rows, ["shape", "mode", "provider", "median_ms", "peak_MB", "GB/s", "frac_of_peak_bw", "x_vs_eager"])
+    print(f"peak DRAM bandwidth from the memory clock and bus width: {peak:.0f} GB/s")
+    paths = common.write_results("gpu_topdown_merge" + ("_quick" if args.quick else ""), rows, common.machine_info("cuda"))
+    print("wrote", *paths)
     return 0
 
 

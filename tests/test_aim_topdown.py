@@ -211,13 +211,28 @@ def test_bad_input():
         module(stage_maps(sizes=[(23, 19), (12, 10), (3, 3), (6, 5)]))
 
 
-def test_compiles_without_graph_breaks_including_last_masks():
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compiles_without_graph_breaks_including_last_masks(training):
     """The drop-in module alone under fullgraph=True: the ops and the last_masks attribute
-    update trace into one graph (aot_eager: dynamo + AOTAutograd, see test_aim_model)."""
-    module = aim.FusedTopDownMask(CHANNELS, 16, depth=2)
+    update trace into one graph (aot_eager: dynamo + AOTAutograd, see test_aim_model), and
+    give eager's values and gradients bit for bit (aot_eager runs the same ATen ops and replays the seed draw from the same
+    generator, so after the same manual_seed the Gumbel masks agree too)."""
+    module = aim.FusedTopDownMask(CHANNELS, 16, depth=2).train(training)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     x = stage_maps()
-    out = compiled(x)
-    sum(f.sum() for f in out.values()).backward()
+    results = []
+    for run in (compiled, module):
+        module.zero_grad()
+        torch.manual_seed(7)
+        out = run(x)
+        sum((f * f).sum() for f in out.values()).backward()
+        results.append(({k: v.detach() for k, v in out.items()}, dict(module.last_masks),
+                        {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+    (out, masks, grads), (out_eager, masks_eager, grads_eager) = results
     assert list(module.last_masks) == list(out) == ["feat2", "feat3"]
-    assert module.mask_estimators[0].to_logit.weight.grad is not None
+    for name in out_eager:
+        assert torch.equal(masks[name], masks_eager[name])
+        assert torch.equal(out[name], out_eager[name])
+    assert grads.keys() == grads_eager.keys() and "mask_estimators.0.to_logit.weight" in grads
+    for name in grads_eager:
+        assert torch.equal(grads[name], grads_eager[name]), name

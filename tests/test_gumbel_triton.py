@@ -96,18 +96,6 @@ def _cuobjdump():
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
 
 
-def _compile(kernel, signature, training, arch):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from aim_kernels.triton import gumbel_binarize as tri
-
-    signature = dict(signature, TRAINING="constexpr", BLOCK="constexpr")
-    source = ASTSource(fn=kernel, signature=signature, constexprs={"TRAINING": training, "BLOCK": tri.BLOCK})
-    options = dict(tri.COMPILE_OPTIONS, num_warps=tri.NUM_WARPS)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-
-
 def _local_bytes(cubin):
     """LOCAL memory of the kernel in the cubin: spilled registers (and local arrays)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -118,6 +106,17 @@ def _local_bytes(cubin):
     return int(re.search(r"LOCAL:(\d+)", report).group(1)), int(re.search(r"REG:(\d+)", report).group(1))
 
 
+def _plan(which, dtype, training=True):
+    """The launcher's own plan for a CPU tensor: the exact arguments a GPU launch would get."""
+    from aim_kernels.triton import gumbel_binarize as tri
+
+    logits = torch.zeros(3, 1, 37, 41, dtype=dtype)
+    seed = torch.tensor(5)
+    if which == "forward":
+        return tri.plan_forward(logits, 0.7, training, seed, 3)[0]
+    return tri.plan_backward(torch.zeros_like(logits), logits, 0.7, training, seed, 3)[0]
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="AOT compilation needs the real JIT")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", list(POINTER_TYPES))
@@ -125,24 +124,69 @@ def _local_bytes(cubin):
 def test_aot_compiles_without_spills_fma_or_approximate_division(arch, dtype, which):
     if _cuobjdump() is None:
         pytest.skip("cuobjdump not found")
-    from aim_kernels.triton import gumbel_binarize as tri
+    from aim_kernels.triton import aot
 
-    ptr = POINTER_TYPES[dtype]
-    ints = {"numel": "i64", "first_block": "i64", "lead": "i64"}
-    if which == "forward":
-        kernel = tri.gumbel_binarize_forward_kernel
-        signature = {"x_ptr": ptr, "y_ptr": ptr, "seed_ptr": "*i64", **ints}
-    else:
-        kernel = tri.gumbel_binarize_backward_kernel
-        signature = {"g_ptr": ptr, "x_ptr": ptr, "y_ptr": ptr, "seed_ptr": "*i64", **ints, "temperature": "fp32"}
-    compiled = _compile(kernel, signature, True, arch)
-    local, regs = _local_bytes(compiled.asm["cubin"])
-    assert local == 0, f"{which} {dtype} sm_{arch}: {local} bytes of local memory (spills), {regs} registers"
-    ptx = compiled.asm["ptx"]
+    compiled = aot.compile_plan(_plan(which, dtype), arch)
+    assert compiled.spill_bytes == 0, f"{which} {dtype} sm_{arch}: {compiled.spill_bytes} bytes spilled, {compiled.registers} registers"
+    ptx = compiled.ptx
     if dtype != torch.float64:  # float64 math is outside the bit-exact contract
         assert not re.search(r"\bfma\.rn\.f32\b", ptx), "a float32 FMA would change the stream's rounding"
         assert not re.search(r"\bdiv\.(full|approx)\.f32\b", ptx), "divisions must be correctly rounded"
         assert "div.rn.f32" in ptx
+
+
+@pytest.mark.parametrize("dtype", list(POINTER_TYPES))
+def test_backward_temperature_in_input_precision(dtype):
+    """A Python float is typed fp32 by Triton: float64 logits would be divided by a rounded
+    temperature. The launcher passes it through memory in the opmath type."""
+    from aim_kernels.triton import aot
+
+    signature, _, _ = aot.specialize(_plan("backward", dtype))
+    assert signature["temperature_ptr"] == ("*fp64" if dtype == torch.float64 else "*fp32")
+    assert signature["x_ptr"] == POINTER_TYPES[dtype]
+
+
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_launchers_set_the_tensors_cuda_device(which, monkeypatch):
+    """Triton launches on the current CUDA device: each launcher goes through LaunchPlan.run,
+    which enters torch.cuda.device(tensor's device). Checked with the device and the kernel
+    launch mocked (no GPU here)."""
+    from aim_kernels.triton import topdown_merge as merge
+
+    plan = _plan(which, torch.float32)
+    assert isinstance(plan, merge.LaunchPlan)
+    events = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            events.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.device))
+
+    class FakeTensor:
+        device = torch.device("cuda", 1)
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: events.append("launch")
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    plan.args[0] = FakeTensor()
+    plan.kernel = Kernel()
+    plan.run()
+    assert events == [("enter", torch.device("cuda", 1)), "launch", ("exit", torch.device("cuda", 1))]
+    # and the launchers call plan.run (not the kernel directly)
+    import inspect
+
+    from aim_kernels.triton import gumbel_binarize as tri
+
+    for launcher in (tri.gumbel_binarize, tri.gumbel_binarize_backward):
+        source = inspect.getsource(launcher)
+        assert "plan.run()" in source and "_kernel[" not in source
 
 
 if __name__ == "__main__":

@@ -25,6 +25,6 @@ def test_nearest_rule_and_footprints_match_interpolate(axis):
         got = torch.ops.aim_kernels.topdown_merge(feat, mask, prev)
         assert torch.equal(got, F.interpolate(prev, size=feat.shape[-2:], mode="nearest")), (in_size, out_size)
         grad = torch.ones_like(feat)
-        grad_prev = torch.ops.aim_kernels.topdown_merge_backward(grad, feat, mask, list(prev.shape[2:]))[2]
+        grad_prev = torch.ops.aim_kernels.topdown_merge_backward(grad, feat, mask, mask.shape[1], list(prev.shape[2:]))[2]
         expected = reference.topdown_merge_backward(grad, feat, mask, list(prev.shape[2:]))[2]
         assert torch.equal(grad_prev, expected), (in_size, out_size)  # footprint sizes

@@ -191,7 +191,7 @@ def test_gpu_matches_reference(restore_cuda_backend, backend, shape, mask_c, fmt
     assert out.stride() == torch.empty_like(feat, memory_format=aim_kernels._library.memory_format_of(feat)).stride()
     grad = torch.randn_like(out)
     prev_size = [] if prev is None else list(prev_hw)
-    check_backward(torch.ops.aim_kernels.topdown_merge_backward(grad, feat, mask, prev_size), grad, feat, mask, prev_size)
+    check_backward(torch.ops.aim_kernels.topdown_merge_backward(grad, feat, mask, mask.shape[1], prev_size), grad, feat, mask, prev_size)
 
 
 @needs_gpu

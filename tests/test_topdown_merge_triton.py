@@ -75,10 +75,24 @@ def test_forward_and_backward_match_reference(interpreted, shape, mask_channels,
 
     grad = torch.randn_like(out)
     prev_size = [] if prev is None else list(prev.shape[2:])
-    grads = interpreted.topdown_merge_backward(grad, feat, mask, prev_size)
+    grads = interpreted.topdown_merge_backward(grad, feat, mask, mask.shape[1], prev_size)
     check_backward(grads, grad, feat, mask, prev_size, truncating_bfloat16=True)
     if prev is not None:
         assert grads[2].is_contiguous(memory_format=LAYOUTS[layout]) or feat.shape[1] == 1
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mask_channels", ["1", "C"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_backward_computes_only_the_gradients_asked_for(interpreted, mask_channels, layout):
+    feat, mask, prev = _inputs((2, 5, 7, 6, (3, 4)), mask_channels, torch.float32, layout)
+    grad = torch.randn(feat.shape).contiguous(memory_format=LAYOUTS[layout])
+    full = interpreted.topdown_merge_backward(grad, feat, mask, mask.shape[1], [3, 4])
+    for given_feat, given_mask in ((feat, None), (None, mask), (None, None)):
+        got = interpreted.topdown_merge_backward(grad, given_feat, given_mask, mask.shape[1], [3, 4])
+        assert torch.equal(got[2], full[2])
+        assert torch.equal(got[0], full[0]) if given_mask is not None else got[0].numel() == 0
+        assert torch.equal(got[1], full[1]) if given_feat is not None else got[1].numel() == 0
 
 
 @needs_interpreter
@@ -89,7 +103,7 @@ def test_empty_shapes(interpreted, shape):
     out = interpreted.topdown_merge(feat, mask, prev)
     assert out.shape == feat.shape
     prev_size = [] if prev is None else list(prev.shape[2:])
-    grad_feat, grad_mask, grad_prev = interpreted.topdown_merge_backward(torch.zeros_like(out), feat, mask, prev_size)
+    grad_feat, grad_mask, grad_prev = interpreted.topdown_merge_backward(torch.zeros_like(out), feat, mask, mask.shape[1], prev_size)
     assert grad_feat.shape == feat.shape and grad_mask.shape == mask.shape
     assert torch.count_nonzero(grad_mask) == 0 and torch.count_nonzero(grad_prev) == 0
 
@@ -99,10 +113,10 @@ def test_half_footprint_longer_than_a_tile_accumulates_in_float32(interpreted):
     # prev 1x1 under a 16x16 map: 256 footprint slots, 16 tiles. Summing into a float16
     # grad_prev tile by tile would round 16 times; the launcher sums into float32 instead.
     feat, mask, prev = _inputs((1, 4, 16, 16, (1, 1)), "1", torch.float16, "nchw")
-    plan, *_, grad_prev, accumulator = interpreted.plan_backward(torch.ones_like(feat), feat, mask, [1, 1])
+    plan, *_, grad_prev, accumulator = interpreted.plan_backward(torch.ones_like(feat), feat, mask, mask.shape[1], [1, 1])
     assert accumulator.dtype == torch.float32 and plan.constexprs["BLOCK_K"] == interpreted.MAX_FOOTPRINT_SLOTS
     grad = torch.full_like(feat, 0.1)
-    got = interpreted.topdown_merge_backward(grad, feat, mask, [1, 1])[2]
+    got = interpreted.topdown_merge_backward(grad, feat, mask, mask.shape[1], [1, 1])[2]
     exact = grad.double().sum(dim=(2, 3), keepdim=True)
     torch.testing.assert_close(got.double(), exact, rtol=2**-11, atol=0)
 
@@ -113,6 +127,6 @@ def test_bad_input_raises_before_launch(interpreted):
     with pytest.raises(ValueError, match="mask"):
         interpreted.topdown_merge(feat, mask[:, :, :3], prev)
     with pytest.raises(ValueError, match="prev_size"):
-        interpreted.topdown_merge_backward(feat, feat, mask, [8, 4])
+        interpreted.topdown_merge_backward(feat, feat, mask, mask.shape[1], [8, 4])
     with pytest.raises(ValueError, match="grad_out"):
-        interpreted.topdown_merge_backward(feat[:1], feat, mask, [3, 4])
+        interpreted.topdown_merge_backward(feat[:1], feat, mask, mask.shape[1], [3, 4])

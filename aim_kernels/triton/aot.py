@@ -130,8 +130,17 @@ def topdown_merge_plans():
                 for mask_c in (1, c):
                     for prev_size in ([], *map(list, _BACKWARD_PREV)):
                         feat = _tensor((2, c, 8, 8), dtype, cl)
-                        plan = merge.plan_backward(feat, feat, _tensor((2, mask_c, 8, 8), dtype, cl), prev_size)[0]
+                        mask = _tensor((2, mask_c, 8, 8), dtype, cl)
+                        plan = merge.plan_backward(feat, feat, mask, mask_c, prev_size)[0]
                         plans.append((f"backward {layout} {dtype} C={c} mask_c={mask_c} prev_size={prev_size}", plan))
+                        # only some gradients asked for (autograd's needs_input_grad): float32, one prev,
+                        # broadcast mask, the fewest channels of each layout (AOT compiles are slow)
+                        if dtype == torch.float32 and prev_size == [4, 4] and mask_c == 1 and c == channels[0]:
+                            for given in ("feat", "mask", "neither"):
+                                plan = merge.plan_backward(feat, feat if given == "feat" else None,
+                                                           mask if given == "mask" else None, mask_c, prev_size)[0]
+                                plans.append((f"backward {layout} {dtype} C={c} mask_c={mask_c} prev_size={prev_size} "
+                                              f"only {given}", plan))
     return plans
 
 

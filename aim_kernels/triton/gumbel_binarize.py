@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from aim_kernels._library import memory_format_of
+from aim_kernels.triton.topdown_merge import LaunchPlan
 
 BLOCK = 256  # Philox blocks per program: 1024 elements
 NUM_WARPS = 4
@@ -149,8 +150,11 @@ def gumbel_binarize_forward_kernel(x_ptr, y_ptr, seed_ptr, numel, first_block, l
 
 
 @triton.jit
-def gumbel_binarize_backward_kernel(g_ptr, x_ptr, y_ptr, seed_ptr, numel, first_block, lead, temperature,
+def gumbel_binarize_backward_kernel(g_ptr, x_ptr, y_ptr, seed_ptr, numel, first_block, lead, temperature_ptr,
                                     TRAINING: tl.constexpr, BLOCK: tl.constexpr):
+    # The temperature comes through memory, in float64 for float64 logits: a Python float
+    # argument would be typed float32 by Triton.
+    temperature = tl.load(temperature_ptr)
     index, in_range, noise = _tile_noise(seed_ptr, first_block, lead, numel, TRAINING, BLOCK)
     x = tl.load(x_ptr + index, mask=in_range, other=0.0)
     g = tl.load(g_ptr + index, mask=in_range, other=0.0)
@@ -181,34 +185,46 @@ def _seed_arg(training, seed, logits):
     return seed if training else logits
 
 
-def gumbel_binarize(logits, temperature, training, seed, offset):
-    """Launcher for aim_kernels::gumbel_binarize (same arguments)."""
-    fmt = memory_format_of(logits)
+def _plan(kernel, out, args, training, offset):
+    first_block, lead, blocks = _launch_geometry(training, offset, out.numel())
+    return LaunchPlan(kernel, (triton.cdiv(blocks, BLOCK),), [*args, out.numel(), first_block, lead],
+                      dict(TRAINING=training, BLOCK=BLOCK), NUM_WARPS)
+
+
+def plan_forward(logits, temperature, training, seed, offset):
+    """(plan, out); plan is None when out is empty. out is row-major (callers apply the layout)."""
     x = logits.contiguous()
     out = torch.empty_like(x)
-    numel = x.numel()
-    if numel > 0:
-        first_block, lead, blocks = _launch_geometry(training, offset, numel)
-        grid = (triton.cdiv(blocks, BLOCK),)
-        gumbel_binarize_forward_kernel[grid](
-            x, out, _seed_arg(training, seed, x), numel, first_block, lead,
-            TRAINING=training, BLOCK=BLOCK, num_warps=NUM_WARPS, **COMPILE_OPTIONS,
-        )
-    return out.contiguous(memory_format=fmt)
+    if out.numel() == 0:
+        return None, out
+    return _plan(gumbel_binarize_forward_kernel, out, [x, out, _seed_arg(training, seed, x)], training, offset), out
+
+
+def plan_backward(grad_out, logits, temperature, training, seed, offset):
+    """(plan, out) of the backward, as plan_forward."""
+    x, g = logits.contiguous(), grad_out.contiguous()
+    out = torch.empty_like(x)
+    if out.numel() == 0:
+        return None, out
+    opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
+    temperature_arg = torch.full((), temperature, dtype=opmath, device=x.device)
+    args = [g, x, out, _seed_arg(training, seed, x)]
+    plan = _plan(gumbel_binarize_backward_kernel, out, args, training, offset)
+    plan.args.append(temperature_arg)
+    return plan, out
+
+
+def gumbel_binarize(logits, temperature, training, seed, offset):
+    """Launcher for aim_kernels::gumbel_binarize (same arguments)."""
+    plan, out = plan_forward(logits, temperature, training, seed, offset)
+    if plan is not None:
+        plan.run()  # on the tensors' device (LaunchPlan.run)
+    return out.contiguous(memory_format=memory_format_of(logits))
 
 
 def gumbel_binarize_backward(grad_out, logits, temperature, training, seed, offset):
     """Launcher for aim_kernels::gumbel_binarize_backward (same arguments)."""
-    fmt = memory_format_of(logits)
-    x = logits.contiguous()
-    g = grad_out.contiguous()
-    out = torch.empty_like(x)
-    numel = x.numel()
-    if numel > 0:
-        first_block, lead, blocks = _launch_geometry(training, offset, numel)
-        grid = (triton.cdiv(blocks, BLOCK),)
-        gumbel_binarize_backward_kernel[grid](
-            g, x, out, _seed_arg(training, seed, x), numel, first_block, lead, float(temperature),
-            TRAINING=training, BLOCK=BLOCK, num_warps=NUM_WARPS, **COMPILE_OPTIONS,
-        )
-    return out.contiguous(memory_format=fmt)
+    plan, out = plan_backward(grad_out, logits, temperature, training, seed, offset)
+    if plan is not None:
+        plan.run()
+    return out.contiguous(memory_format=memory_format_of(logits))

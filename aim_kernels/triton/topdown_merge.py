@@ -97,7 +97,10 @@ def _merge_backward_kernel(
     source_blocks,
     HAS_PREV: tl.constexpr, MASK_FULL: tl.constexpr, ACC: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    GRAD_FEAT: tl.constexpr, GRAD_MASK: tl.constexpr,
 ):
+    # GRAD_FEAT / GRAD_MASK: whether grad_feat (reads mask) / grad_mask (reads feat) are asked
+    # for; what is not asked for is neither read nor computed nor written.
     # A program owns BLOCK_S source pixels of one image and every output pixel in their
     # footprints, across all channels: grad_prev is a sum over the tile's footprint axis,
     # and a broadcast mask's gradient a sum over channels kept in registers across the
@@ -124,7 +127,7 @@ def _merge_backward_kernel(
         slot_ok = s_ok[:, None] & (y < y1[:, None]) & (x < x1[:, None])
         pix = y.to(tl.int64) * W + x
         mask_grad = tl.zeros([BLOCK_S, BLOCK_K], dtype=ACC)
-        if not MASK_FULL:
+        if GRAD_FEAT and not MASK_FULL:
             mask_slot = tl.load(mask_ptr + n * mask_stride_n + pix * mask_stride_p, mask=slot_ok, other=0).to(ACC)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
@@ -133,15 +136,19 @@ def _merge_backward_kernel(
             ok = slot_ok[:, :, None] & c_ok[None, None, :]
             off = n * stride_n + pix[:, :, None] * stride_p + c64[None, None, :] * stride_c
             g = tl.load(grad_ptr + off, mask=ok, other=0).to(ACC)
-            f = tl.load(feat_ptr + off, mask=ok, other=0).to(ACC)
-            if MASK_FULL:
-                moff = n * mask_stride_n + pix[:, :, None] * mask_stride_p + c64[None, None, :] * mask_stride_c
-                m = tl.load(mask_ptr + moff, mask=ok, other=0).to(ACC)
-                tl.store(grad_mask_ptr + moff, (g * f).to(grad_mask_ptr.dtype.element_ty), mask=ok)
-            else:
-                m = mask_slot[:, :, None]
-                mask_grad += tl.sum(g * f, axis=2)
-            tl.store(grad_feat_ptr + off, (g * m).to(grad_feat_ptr.dtype.element_ty), mask=ok)
+            moff = n * mask_stride_n + pix[:, :, None] * mask_stride_p + c64[None, None, :] * mask_stride_c
+            if GRAD_MASK:
+                f = tl.load(feat_ptr + off, mask=ok, other=0).to(ACC)
+                if MASK_FULL:
+                    tl.store(grad_mask_ptr + moff, (g * f).to(grad_mask_ptr.dtype.element_ty), mask=ok)
+                else:
+                    mask_grad += tl.sum(g * f, axis=2)
+            if GRAD_FEAT:
+                if MASK_FULL:
+                    m = tl.load(mask_ptr + moff, mask=ok, other=0).to(ACC)
+                else:
+                    m = mask_slot[:, :, None]
+                tl.store(grad_feat_ptr + off, (g * m).to(grad_feat_ptr.dtype.element_ty), mask=ok)
             if HAS_PREV:
                 prev_grad = tl.sum(g, axis=1)
                 poff = n * prev_stride_n + s64 * prev_stride_p + c64[None, :] * prev_stride_c
@@ -149,7 +156,7 @@ def _merge_backward_kernel(
                 if k0 > 0:
                     prev_grad += tl.load(grad_prev_ptr + poff, mask=p_ok, other=0).to(ACC)
                 tl.store(grad_prev_ptr + poff, prev_grad.to(grad_prev_ptr.dtype.element_ty), mask=p_ok)
-        if not MASK_FULL:
+        if GRAD_MASK and not MASK_FULL:
             tl.store(grad_mask_ptr + n * mask_stride_n + pix * mask_stride_p,
                      mask_grad.to(grad_mask_ptr.dtype.element_ty), mask=slot_ok)
 
@@ -266,40 +273,46 @@ def plan_forward(feat, mask, prev):
     return plan, out
 
 
-def plan_backward(grad_out, feat, mask, prev_size):
-    """(plan, grad_feat, grad_mask, grad_prev, prev_accumulator). prev_accumulator is the
-    tensor the kernel sums grad_prev into: grad_prev itself, or a float32 buffer (copied into
-    grad_prev after the launch) when a half-precision grad_prev would otherwise be re-read and
-    re-rounded between footprint tiles."""
-    fmt = memory_format_of(feat)
-    feat, mask, grad_out = (t.contiguous(memory_format=fmt) for t in (feat, mask, grad_out))
-    n, c, h, w = feat.shape
+def plan_backward(grad_out, feat, mask, mask_channels, prev_size):
+    """(plan, grad_feat, grad_mask, grad_prev, prev_accumulator). feat / mask may be None: the
+    gradient that reads it (grad_mask / grad_feat) is then not computed (an empty tensor).
+    prev_accumulator is the tensor the kernel sums grad_prev into: grad_prev itself, or a
+    float32 buffer (copied into grad_prev after the launch) when a half-precision grad_prev
+    would otherwise be re-read and re-rounded between footprint tiles."""
+    fmt = memory_format_of(grad_out)
+    grad_out = grad_out.contiguous(memory_format=fmt)
+    feat, mask = (None if t is None else t.contiguous(memory_format=fmt) for t in (feat, mask))
+    n, c, h, w = grad_out.shape
     has_prev = len(prev_size) == 2
     hs, ws = (int(prev_size[0]), int(prev_size[1])) if has_prev else (h, w)
     if not (0 <= hs <= h and 0 <= ws <= w and (h * w == 0 or hs * ws > 0)):
         raise ValueError(f"prev_size must be [] or [h, w] with 0 < h <= {h} and 0 < w <= {w}, got {list(prev_size)}")
-    grad_feat = torch.empty_like(feat, memory_format=fmt)
-    grad_mask = torch.empty_like(mask, memory_format=fmt)
-    grad_prev = (feat.new_empty((n, c, hs, ws)).contiguous(memory_format=fmt) if has_prev else feat.new_empty(0))
-    if grad_feat.numel() == 0:
+    empty = lambda: grad_out.new_empty(0)  # noqa: E731
+    grad_feat = empty() if mask is None else torch.empty_like(grad_out, memory_format=fmt)
+    grad_mask = empty() if feat is None else grad_out.new_empty((n, mask_channels, h, w)).contiguous(memory_format=fmt)
+    grad_prev = (grad_out.new_empty((n, c, hs, ws)).contiguous(memory_format=fmt) if has_prev else empty())
+    if grad_out.numel() == 0:
         grad_mask.zero_()
         grad_prev.zero_()
         return None, grad_feat, grad_mask, grad_prev, grad_prev
-    _, begin_y, longest_y = axis_tables(hs, h, feat.device)
-    _, begin_x, longest_x = axis_tables(ws, w, feat.device)
+    _, begin_y, longest_y = axis_tables(hs, h, grad_out.device)
+    _, begin_x, longest_x = axis_tables(ws, w, grad_out.device)
     slots = longest_y * longest_x
     block_s, block_k, block_c = _pick_backward_tile(_layout(fmt), c, slots)
     prev_accumulator = grad_prev
-    if has_prev and slots > block_k and feat.dtype in (torch.float16, torch.bfloat16):
-        prev_accumulator = torch.empty(grad_prev.shape, dtype=torch.float32, device=feat.device).contiguous(memory_format=fmt)
+    if has_prev and slots > block_k and grad_out.dtype in (torch.float16, torch.bfloat16):
+        prev_accumulator = torch.empty(grad_prev.shape, dtype=torch.float32, device=grad_out.device).contiguous(memory_format=fmt)
     prev_strides = _strides(prev_accumulator, fmt) if has_prev else (0, 0, 0)
     source_blocks = triton.cdiv(hs * ws, block_s)
-    mask_full = mask.shape[1] == c and c != 1
-    args = [grad_feat, grad_mask, prev_accumulator if has_prev else grad_feat, grad_out, feat, mask, begin_y, begin_x,
-            c, w, hs, ws, longest_x, slots,
-            *_strides(feat, fmt), *_strides(mask, fmt), *prev_strides, source_blocks]
-    constexprs = dict(HAS_PREV=has_prev, MASK_FULL=mask_full, ACC=_acc_dtype(feat.dtype),
-                      BLOCK_S=block_s, BLOCK_K=block_k, BLOCK_C=block_c)
+    mask_full = mask_channels == c and c != 1
+    # Tensors not passed are never dereferenced (their GRAD_* is False): grad_out stands in.
+    args = [grad_feat if mask is not None else grad_out, grad_mask if feat is not None else grad_out,
+            prev_accumulator if has_prev else grad_out, grad_out, grad_out if feat is None else feat,
+            grad_out if mask is None else mask, begin_y, begin_x, c, w, hs, ws, longest_x, slots,
+            *_strides(grad_out, fmt), *_strides(grad_out.new_empty((n, mask_channels, h, w)) if mask is None else mask, fmt),
+            *prev_strides, source_blocks]
+    constexprs = dict(HAS_PREV=has_prev, MASK_FULL=mask_full, ACC=_acc_dtype(grad_out.dtype),
+                      BLOCK_S=block_s, BLOCK_K=block_k, BLOCK_C=block_c, GRAD_FEAT=mask is not None, GRAD_MASK=feat is not None)
     plan = LaunchPlan(_merge_backward_kernel, (n * source_blocks,), args, constexprs, BACKWARD_NUM_WARPS,
                       BACKWARD_MAX_REGISTERS)
     return plan, grad_feat, grad_mask, grad_prev, prev_accumulator
@@ -314,14 +327,18 @@ def topdown_merge(feat, mask, prev):
     return out
 
 
-def topdown_merge_backward(grad_out, feat, mask, prev_size):
+def topdown_merge_backward(grad_out, feat, mask, mask_channels, prev_size):
     """aim_kernels::topdown_merge_backward with Triton kernels."""
-    validate(feat, mask, None)
     if len(prev_size) not in (0, 2):
         raise ValueError(f"prev_size must be [] or [h, w], got {list(prev_size)}")
-    if grad_out.shape != feat.shape or grad_out.dtype != feat.dtype or grad_out.device != feat.device:
-        raise ValueError(f"grad_out must match feat's shape, dtype and device, got {tuple(grad_out.shape)} {grad_out.dtype} {grad_out.device}")
-    plan, grad_feat, grad_mask, grad_prev, prev_accumulator = plan_backward(grad_out, feat, mask, prev_size)
+    n, c, h, w = grad_out.shape
+    # The forward's checks on stand-ins of the right shapes, then the backward's own.
+    validate(grad_out if feat is None else feat, grad_out.new_empty((n, mask_channels, h, w)) if mask is None else mask, None)
+    if feat is not None and (feat.shape != grad_out.shape or feat.dtype != grad_out.dtype or feat.device != grad_out.device):
+        raise ValueError(f"feat must match grad_out's shape, dtype and device, got {tuple(feat.shape)} {feat.dtype} {feat.device}")
+    if mask is not None and (mask.shape[1] != mask_channels or mask.dtype != grad_out.dtype or mask.device != grad_out.device):
+        raise ValueError(f"mask must have mask_channels={mask_channels} channels and grad_out's dtype and device")
+    plan, grad_feat, grad_mask, grad_prev, prev_accumulator = plan_backward(grad_out, feat, mask, mask_channels, prev_size)
     if plan is not None:
         plan.run()
         if prev_accumulator is not grad_prev:

@@ -162,7 +162,7 @@ void backward_nchw(const T* g, const T* feat, const T* mask, T* gfeat, T* gmask,
       const int64_t n = task / chunks;
       const int64_t s0 = (task % chunks) * chunk, s1 = std::min(hs, s0 + chunk);
       const int64_t y0 = ys.begin[s0], y1 = ys.begin[s1];
-      if (!mask_full) gmask_acc.assign((y1 - y0) * W, acc_t(0));
+      if (gmask && !mask_full) gmask_acc.assign((y1 - y0) * W, acc_t(0));
       for (int64_t c = 0; c < C; ++c) {
         const int64_t plane = n * C + c;
         for (int64_t s = s0; s < s1; ++s) {
@@ -171,22 +171,34 @@ void backward_nchw(const T* g, const T* feat, const T* mask, T* gfeat, T* gmask,
             const int64_t off = (plane * H + y) * W;
             const int64_t moff = ((mask_full ? plane : n) * H + y) * W;
             const T* gr = g + off;
-            const T* fr = feat + off;
-            const T* mr = mask + moff;
-            T* gfr = gfeat + off;
+            const T* fr = gmask ? feat + off : nullptr;  // feat and mask are null when their gradient is not asked for
+            const T* mr = gfeat ? mask + moff : nullptr;
+            T* gfr = gfeat ? gfeat + off : nullptr;
             if (mask_full) {
-              T* gmr = gmask + moff;
-              for (int64_t x = 0; x < W; ++x) {
-                const acc_t gv = acc_t(gr[x]);
-                gfr[x] = T(gv * acc_t(mr[x]));
-                gmr[x] = T(gv * acc_t(fr[x]));
+              T* gmr = gmask ? gmask + moff : nullptr;
+              if (gfr && gmr) {
+                for (int64_t x = 0; x < W; ++x) {
+                  const acc_t gv = acc_t(gr[x]);
+                  gfr[x] = T(gv * acc_t(mr[x]));
+                  gmr[x] = T(gv * acc_t(fr[x]));
+                }
+              } else if (gfr) {
+                for (int64_t x = 0; x < W; ++x) gfr[x] = T(acc_t(gr[x]) * acc_t(mr[x]));
+              } else if (gmr) {
+                for (int64_t x = 0; x < W; ++x) gmr[x] = T(acc_t(gr[x]) * acc_t(fr[x]));
               }
             } else {
-              acc_t* gma = gmask_acc.data() + (y - y0) * W;
-              for (int64_t x = 0; x < W; ++x) {
-                const acc_t gv = acc_t(gr[x]);
-                gfr[x] = T(gv * acc_t(mr[x]));
-                gma[x] += gv * acc_t(fr[x]);
+              acc_t* gma = gmask ? gmask_acc.data() + (y - y0) * W : nullptr;
+              if (gfr && gma) {
+                for (int64_t x = 0; x < W; ++x) {
+                  const acc_t gv = acc_t(gr[x]);
+                  gfr[x] = T(gv * acc_t(mr[x]));
+                  gma[x] += gv * acc_t(fr[x]);
+                }
+              } else if (gfr) {
+                for (int64_t x = 0; x < W; ++x) gfr[x] = T(acc_t(gr[x]) * acc_t(mr[x]));
+              } else if (gma) {
+                for (int64_t x = 0; x < W; ++x) gma[x] += acc_t(gr[x]) * acc_t(fr[x]);
               }
             }
             if (has_prev) gather_row(gprev_acc.data(), gr, ws, xs);
@@ -197,7 +209,7 @@ void backward_nchw(const T* g, const T* feat, const T* mask, T* gfeat, T* gmask,
           }
         }
       }
-      if (!mask_full) {
+      if (gmask && !mask_full) {
         T* gmr = gmask + (n * H + y0) * W;
         for (int64_t i = 0; i < (y1 - y0) * W; ++i) gmr[i] = T(gmask_acc[i]);
       }
@@ -226,26 +238,48 @@ void backward_nhwc(const T* g, const T* feat, const T* mask, T* gfeat, T* gmask,
             for (int64_t x = xs.begin[sx]; x < xs.begin[sx + 1]; ++x) {
               const int64_t pix = (n * H + y) * W + x;
               const T* gr = g + pix * C;
-              const T* fr = feat + pix * C;
-              T* gfr = gfeat + pix * C;
-              if (mask_full) {
-                const T* mr = mask + pix * C;
-                T* gmr = gmask + pix * C;
-                for (int64_t c = 0; c < C; ++c) {
-                  const acc_t gv = acc_t(gr[c]);
-                  gfr[c] = T(gv * acc_t(mr[c]));
-                  gmr[c] = T(gv * acc_t(fr[c]));
-                }
-              } else {
-                const acc_t mv = acc_t(mask[pix]);
-                acc_t sum = 0;
+              if (gfeat && gmask) {  // both: one pass over the pixel's channels
+                const T* fr = feat + pix * C;
+                T* gfr = gfeat + pix * C;
+                if (mask_full) {
+                  const T* mr = mask + pix * C;
+                  T* gmr = gmask + pix * C;
+                  for (int64_t c = 0; c < C; ++c) {
+                    const acc_t gv = acc_t(gr[c]);
+                    gfr[c] = T(gv * acc_t(mr[c]));
+                    gmr[c] = T(gv * acc_t(fr[c]));
+                  }
+                } else {
+                  const acc_t mv = acc_t(mask[pix]);
+                  acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-                for (int64_t c = 0; c < C; ++c) {
-                  const acc_t gv = acc_t(gr[c]);
-                  gfr[c] = T(gv * mv);
-                  sum += gv * acc_t(fr[c]);
+                  for (int64_t c = 0; c < C; ++c) {
+                    const acc_t gv = acc_t(gr[c]);
+                    gfr[c] = T(gv * mv);
+                    sum += gv * acc_t(fr[c]);
+                  }
+                  gmask[pix] = T(sum);
                 }
-                gmask[pix] = T(sum);
+              } else if (gfeat) {
+                T* gfr = gfeat + pix * C;
+                if (mask_full) {
+                  const T* mr = mask + pix * C;
+                  for (int64_t c = 0; c < C; ++c) gfr[c] = T(acc_t(gr[c]) * acc_t(mr[c]));
+                } else {
+                  const acc_t mv = acc_t(mask[pix]);
+                  for (int64_t c = 0; c < C; ++c) gfr[c] = T(acc_t(gr[c]) * mv);
+                }
+              } else if (gmask) {
+                const T* fr = feat + pix * C;
+                if (mask_full) {
+                  T* gmr = gmask + pix * C;
+                  for (int64_t c = 0; c < C; ++c) gmr[c] = T(acc_t(gr[c]) * acc_t(fr[c]));
+                } else {
+                  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+                  for (int64_t c = 0; c < C; ++c) sum += acc_t(gr[c]) * acc_t(fr[c]);
+                  gmask[pix] = T(sum);
+                }
               }
               if (has_prev) {
                 for (int64_t c = 0; c < C; ++c) gpa[c] += acc_t(gr[c]);
@@ -275,16 +309,21 @@ at::Tensor topdown_merge_cpu(const at::Tensor& feat, const at::Tensor& mask, con
   return f.out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cpu(const at::Tensor& grad, const at::Tensor& feat,
-                                                                          const at::Tensor& mask, at::IntArrayRef prev_size) {
-  const MergeBackward b = prepare_merge_backward(grad, feat, mask, prev_size);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cpu(const at::Tensor& grad,
+                                                                          const std::optional<at::Tensor>& feat,
+                                                                          const std::optional<at::Tensor>& mask,
+                                                                          int64_t mask_channels, at::IntArrayRef prev_size) {
+  const MergeBackward b = prepare_merge_backward(grad, feat, mask, mask_channels, prev_size);
   const MergeGeometry& g = b.geometry;
-  if (b.gfeat.numel() == 0) return {b.gfeat, b.gmask, b.gprev};
+  if (b.grad.numel() == 0) return {b.gfeat, b.gmask, b.gprev};
   const AxisMap ys = make_axis_map(g.hs, g.H), xs = make_axis_map(g.ws, g.W);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.feat.scalar_type(), "topdown_merge_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad.scalar_type(), "topdown_merge_backward_cpu", [&] {
     auto run = b.fmt == at::MemoryFormat::ChannelsLast ? backward_nhwc<scalar_t> : backward_nchw<scalar_t>;
-    run(b.grad.const_data_ptr<scalar_t>(), b.feat.const_data_ptr<scalar_t>(), b.mask.const_data_ptr<scalar_t>(),
-        b.gfeat.mutable_data_ptr<scalar_t>(), b.gmask.mutable_data_ptr<scalar_t>(),
+    // A gradient not asked for has a null output, and the input only it reads is null too.
+    run(b.grad.const_data_ptr<scalar_t>(), b.want_mask_grad ? b.feat.const_data_ptr<scalar_t>() : nullptr,
+        b.want_feat_grad ? b.mask.const_data_ptr<scalar_t>() : nullptr,
+        b.want_feat_grad ? b.gfeat.mutable_data_ptr<scalar_t>() : nullptr,
+        b.want_mask_grad ? b.gmask.mutable_data_ptr<scalar_t>() : nullptr,
         g.has_prev ? b.gprev.mutable_data_ptr<scalar_t>() : nullptr, g.N, g.C, g.H, g.W, g.hs, g.ws, g.mask_full,
         g.has_prev, ys, xs);
   });

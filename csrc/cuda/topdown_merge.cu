@@ -390,17 +390,26 @@ at::Tensor topdown_merge_cuda(const at::Tensor& feat, const at::Tensor& mask, co
   return f.out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cuda(const at::Tensor& grad, const at::Tensor& feat,
-                                                                           const at::Tensor& mask, at::IntArrayRef prev_size) {
-  const c10::cuda::CUDAGuard guard(feat.device());
-  const MergeBackward b = prepare_merge_backward(grad, feat, mask, prev_size);
-  if (b.gfeat.numel() == 0) return {b.gfeat, b.gmask, b.gprev};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cuda(const at::Tensor& grad,
+                                                                           const std::optional<at::Tensor>& feat,
+                                                                           const std::optional<at::Tensor>& mask,
+                                                                           int64_t mask_channels, at::IntArrayRef prev_size) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const MergeBackward b = prepare_merge_backward(grad, feat, mask, mask_channels, prev_size);
+  if (b.grad.numel() == 0) return {b.gfeat, b.gmask, b.gprev};
   const Dims d = dims_of(b.geometry);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.feat.scalar_type(), "topdown_merge_backward_cuda", [&] {
+  // The CUDA kernels always compute grad_feat and grad_mask: an input not passed is read as
+  // zeros and its gradient written to scratch (the saved-memory saving holds, the time one not).
+  const auto layout = b.grad.options().memory_format(b.fmt);
+  const at::Tensor feat_in = b.want_mask_grad ? b.feat : at::zeros(b.grad.sizes(), layout);
+  const at::Tensor mask_in = b.want_feat_grad ? b.mask : at::zeros({d.N, mask_channels, d.H, d.W}, layout);
+  const at::Tensor gfeat = b.want_feat_grad ? b.gfeat : at::empty_like(feat_in);
+  const at::Tensor gmask = b.want_mask_grad ? b.gmask : at::empty_like(mask_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad.scalar_type(), "topdown_merge_backward_cuda", [&] {
     auto launch = fits_int32(d) ? launch_backward<scalar_t, int32_t> : launch_backward<scalar_t, int64_t>;
-    launch(b.grad.const_data_ptr<scalar_t>(), b.feat.const_data_ptr<scalar_t>(), b.mask.const_data_ptr<scalar_t>(),
-           b.gfeat.mutable_data_ptr<scalar_t>(), b.gmask.mutable_data_ptr<scalar_t>(),
+    launch(b.grad.const_data_ptr<scalar_t>(), feat_in.const_data_ptr<scalar_t>(), mask_in.const_data_ptr<scalar_t>(),
+           gfeat.mutable_data_ptr<scalar_t>(), gmask.mutable_data_ptr<scalar_t>(),
            d.has_prev ? b.gprev.mutable_data_ptr<scalar_t>() : nullptr, d, b.fmt == at::MemoryFormat::ChannelsLast, stream);
   });
   return {b.gfeat, b.gmask, b.gprev};
