@@ -252,11 +252,17 @@ def _pooled_lateral(conv, stage, weights):
 
 def _footprint_counts(size, finer_sizes):
     """(h, w) map: how many positions of the last of finer_sizes each position of a (h, w) map
-    reaches through successive nearest upsamplings (F.interpolate's rule) to each size."""
-    index = torch.arange(size[0] * size[1], dtype=torch.float64).view(1, 1, *size)
-    for finer in finer_sizes:
-        index = torch.nn.functional.interpolate(index, size=tuple(finer), mode="nearest")
-    return torch.bincount(index.flatten().long(), minlength=size[0] * size[1]).view(*size)
+    reaches through successive nearest upsamplings (F.interpolate's rule) to each size. The
+    rule is separable, so per axis: a 1-D nearest upsampling of the source indices, counted
+    with index_add (a static output shape, unlike bincount: no graph break under compile)."""
+    counts = []
+    for axis in range(2):
+        index = torch.arange(size[axis], dtype=torch.float64).view(1, 1, -1)
+        for finer in finer_sizes:
+            index = torch.nn.functional.interpolate(index, size=int(finer[axis]), mode="nearest")
+        index = index.flatten().long()
+        counts.append(torch.zeros(size[axis], dtype=torch.float64).index_add_(0, index, torch.ones_like(index, dtype=torch.float64)))
+    return counts[0][:, None] * counts[1][None, :]
 
 
 def _ordered(by_name, names):

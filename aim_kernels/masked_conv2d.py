@@ -38,6 +38,9 @@ def masked_conv2d(x, weight, bias, mask, prev=None, *, stride=1, padding=0, dila
         the backward is the dense composite one (conv2d and topdown_merge backward), built
         for correctness, not speed.
     """
+    if torch.overrides.has_torch_function_variadic(x, weight, bias, mask, prev):  # FX proxies: a leaf call
+        return torch.overrides.handle_torch_function(masked_conv2d, (x, weight, bias, mask, prev), x, weight, bias, mask, prev,
+                                                     stride=stride, padding=padding, dilation=dilation, groups=groups)
     stride, padding, dilation = (_pair(name, v, low) for name, v, low in
                                  (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)))
     validate(x, weight, bias, mask, prev, stride, padding, dilation, groups)

@@ -282,35 +282,46 @@ def test_fallback_path_layout_and_opcheck(tmp_path):
 # ---- FX and export -----------------------------------------------------------------------
 
 class BackboneWithTopDown(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, sparse_eval=True):
         super().__init__()
         import torchvision
 
         self.body = torchvision.models._utils.IntermediateLayerGetter(
             torchvision.models.resnet18(), {"layer2": "s1", "layer3": "s2", "layer4": "s3"})
-        self.topdown = aim.FusedTopDownMask([128, 256, 512], 16, depth=2, mask_hidden_channels=8)
+        self.topdown = aim.FusedTopDownMask([128, 256, 512], 16, depth=2, mask_hidden_channels=8, sparse_eval=sparse_eval)
 
     def forward(self, x):
         return self.topdown(self.body(x))
 
 
-def test_fx_symbolic_trace_keeps_ops_as_leaves():
-    model = BackboneWithTopDown().eval()
+# In eval mode the pathway merges with masked_conv2d (sparse_eval, the default) or with the
+# dense lateral conv and topdown_merge.
+MERGE_OPS = {True: aim_kernels.masked_conv2d, False: aim_kernels.topdown_merge}
+
+
+@pytest.mark.parametrize("sparse_eval", [True, False])
+def test_fx_symbolic_trace_keeps_ops_as_leaves(sparse_eval):
+    model = BackboneWithTopDown(sparse_eval).eval()
     traced = torch.fx.symbolic_trace(model)
     targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
-    assert targets.count(aim_kernels.topdown_merge) == 2 and targets.count(aim_kernels.gumbel_binarize) == 2
+    assert targets.count(MERGE_OPS[sparse_eval]) == 2 and targets.count(aim_kernels.gumbel_binarize) == 2
     x = torch.randn(2, 3, 64, 64)
     expected = model(x)
     for name, value in traced(x).items():
         assert torch.equal(value, expected[name])
 
 
-def test_create_feature_extractor():
+@pytest.mark.parametrize("sparse_eval", [True, False])
+def test_create_feature_extractor(sparse_eval):
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    model = BackboneWithTopDown().eval()
-    # the last fused merge (the finest stage the depth-2 pathway reaches) as a node of its own
-    extractor = create_feature_extractor(model, return_nodes={"body.layer3": "c4", "topdown.topdown_merge_1": "fused"})
+    model = BackboneWithTopDown(sparse_eval).eval()
+    # the last fused merge (the finest stage the depth-2 pathway reaches) as a node of its own;
+    # train mode always merges with topdown_merge
+    nodes = {"body.layer3": "c4"}
+    extractor = create_feature_extractor(
+        model, train_return_nodes={**nodes, "topdown.topdown_merge_1": "fused"},
+        eval_return_nodes={**nodes, f"topdown.{MERGE_OPS[sparse_eval].__name__}_1": "fused"})
     x = torch.randn(1, 3, 64, 64)
     out = extractor(x)
     assert set(out) == {"c4", "fused"}
