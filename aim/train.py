@@ -65,6 +65,9 @@ class TrainConfig:
     freeze_bn: bool = False         # BatchNorm layers use their running statistics, which stay fixed
     threads: int = 0                # torch intra-op threads (0: torch's default)
     use_reference: bool = False     # plain-PyTorch reference ops instead of the fused ones
+    initial_mask_logit: float = 2.0  # initial bias of the mask estimators' logits (aim.topdown.INITIAL_MASK_LOGIT)
+    stage_loss_weight: float = 1.0  # weight of the stage classifiers' cross-entropies in AIMLoss
+    warmup_epochs: int = 0          # epochs at tau = 1 (masks fully on) before the annealing starts
 
     def check(self):
         if self.model not in ("aim", "baseline"):
@@ -95,7 +98,8 @@ def build_model(config, num_classes):
         return BaselineClassifier(backbone, num_classes)
     return aim.AIM(backbone, num_classes=num_classes, depth=config.depth, target=config.target,
                    out_channels=config.topdown_channels, mask_hidden_channels=config.mask_channels,
-                   temperature=config.temperature, use_reference=config.use_reference)
+                   temperature=config.temperature, use_reference=config.use_reference,
+                   initial_mask_logit=config.initial_mask_logit)
 
 
 def build_run_backbone(config):
@@ -311,8 +315,8 @@ def _fit(config, train_set, val_set, resume, ranks, log):
     optimizer = make_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
-    schedule = aim.MaskAnnealing(config.target, config.anneal_epochs)
-    criterion = aim.AIMLoss()
+    schedule = aim.MaskAnnealing(config.target, config.anneal_epochs, warmup_epochs=config.warmup_epochs)
+    criterion = aim.AIMLoss(stage_weight=config.stage_loss_weight)
     history, best, start_epoch = [], None, 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -409,7 +413,7 @@ def _resume_point(config, resume, last_path, ranks):
     checkpoint = load_checkpoint(last_path)
     saved = checkpoint["config"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
-               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+               if k not in RESUMABLE_CHANGES and saved.get(k, getattr(TrainConfig, k)) != v]
     if changed:
         raise ValueError(f"--resume: settings differ from the run in {config.out}: {'; '.join(changed)}")
     if len(checkpoint["rng"]) != ranks.world_size:

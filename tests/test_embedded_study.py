@@ -99,3 +99,30 @@ def test_demo_runs_the_protocol_and_caches_the_pretrained_backbone(tmp_path, mon
     assert (tmp_path / "out" / "conflicting_test_images.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(args) == 0  # the second run finds the backbone in the cache
     assert "pretrained backbone (from the cache)" in capsys.readouterr().out
+
+
+def test_study_options_of_the_model_loss_and_schedule():
+    import aim
+    from aim.backbones import SmallConvNet
+
+    torch.manual_seed(0)
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    for logit in (-1.0, 3.0):  # eval-mode masks threshold the initial logit at 0
+        model = aim.AIM(SmallConvNet(), num_classes=2, out_channels=8, mask_hidden_channels=8, initial_mask_logit=logit).eval()
+        for estimator in model.topdown.mask_estimators:
+            torch.nn.init.zeros_(estimator.to_logit.weight)
+            torch.nn.init.zeros_(estimator.global_branch.weight)
+            torch.nn.init.zeros_(estimator.global_branch.bias)
+        with torch.no_grad():
+            masks = model(images).masks.values()
+        assert all(bool((m == (1.0 if logit > 0 else 0.0)).all()) for m in masks)
+    out = model.train()(images)
+    weighted = aim.AIMLoss(stage_weight=0.5)(out, labels, 0.5)
+    plain = aim.AIMLoss(stage_weight=0.0)(out, labels, 0.5)
+    stage_ce = sum(torch.nn.functional.cross_entropy(s, labels) for s in out.stage_logits.values())
+    assert torch.allclose(weighted.classification - plain.classification, 0.5 * stage_ce)
+    assert torch.allclose(plain.classification, torch.nn.functional.cross_entropy(out.logits, labels))
+    schedule = aim.MaskAnnealing(0.25, anneal_epochs=3, warmup_epochs=2)
+    assert [schedule(e) for e in range(6)] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        aim.MaskAnnealing(0.25, 3, warmup_epochs=-1)
