@@ -93,7 +93,7 @@ def task_splits(settings):
 # The fine-tuning recipe for both models; AIM-only settings are ignored by the baseline.
 FINETUNE_DEFAULTS = dict(backbone=SMALL_BACKBONE, depth=2, target=0.25, topdown_channels=64, mask_channels=32,
                          temperature=1.0, epochs=12, anneal_epochs=6, batch_size=64, lr=2e-3, backbone_lr=2e-4,
-                         weight_decay=1e-4, workers=0)
+                         weight_decay=1e-4, workers=0, select_annealed=True)
 
 
 def finetune(kind, weights, train, val, test, out, seed=0, threads=1, overrides=None, log=print):

@@ -68,6 +68,7 @@ class TrainConfig:
     initial_mask_logit: float = 2.0  # initial bias of the mask estimators' logits (aim.topdown.INITIAL_MASK_LOGIT)
     stage_loss_weight: float = 1.0  # weight of the stage classifiers' cross-entropies in AIMLoss
     warmup_epochs: int = 0          # epochs at tau = 1 (masks fully on) before the annealing starts
+    select_annealed: bool = False   # AIM: best.pt only among epochs trained at the target tau
 
     def check(self):
         if self.model not in ("aim", "baseline"):
@@ -83,6 +84,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.anneal_epochs < 0 or self.workers < 0:
             raise ValueError("--anneal-epochs and --workers must be >= 0")
+        if self.select_annealed and self.model == "aim" and self.epochs <= self.warmup_epochs + self.anneal_epochs:
+            raise ValueError(f"--select-annealed needs an epoch at the target tau: --epochs {self.epochs} must exceed "
+                             f"--warmup-epochs + --anneal-epochs ({self.warmup_epochs + self.anneal_epochs})")
 
 
 # Settings that may change between a run and its resumption without changing its result.
@@ -391,7 +395,9 @@ def _fit(config, train_set, val_set, resume, ranks, log):
                "val": val, "train_images_per_s": seen / train_time, "time_s": time.perf_counter() - started}
         history.append(row)
         score = selection_metric(val)
-        improved = best is None or score > best["score"]
+        # An AIM model whose masks have not reached the target is not AIM[depth, target] yet.
+        eligible = not (is_aim and config.select_annealed) or tau == schedule.target
+        improved = eligible and (best is None or score > best["score"])
         if improved:
             best = {"epoch": epoch + 1, "score": score}
         rngs = ranks.gather(rng_state())
@@ -454,7 +460,7 @@ def _summary_line(row, epochs, best):
     parts.append(f"val acc {val['accuracy']:.3f}")
     if val["worst_group_accuracy"] is not None:
         parts.append(f"worst group {val['worst_group_accuracy']:.3f}")
-    parts += [f"{row['train_images_per_s']:.0f} img/s", f"{row['time_s']:.0f} s", f"best epoch {best['epoch']}"]
+    parts += [f"{row['train_images_per_s']:.0f} img/s", f"{row['time_s']:.0f} s", f"best epoch {best['epoch'] if best else '-'}"]
     return " | ".join(parts)
 
 

@@ -91,8 +91,9 @@ def test_demo_runs_the_protocol_and_caches_the_pretrained_backbone(tmp_path, mon
     for kind in ("baseline", "aim"):
         record = summary["records"][kind]
         assert record["test"]["num_samples"] == 64
-        assert record["best_epoch"] in (1, 2)
         assert (tmp_path / "out" / kind / "best.pt").exists()  # a run folder `aim eval` reads
+    # AIM is selected only among epochs at the target tau (select_annealed): here the last one.
+    assert summary["records"]["aim"]["best_epoch"] == 2
     assert set(summary["table"]["aim"]["epg_masks"]) == {"2", "3"}
     assert summary["table"]["baseline"]["epg_masks"] == {}
     assert [row["tau"] for row in summary["records"]["aim"]["val_curve"]] == [1.0, 0.25]
@@ -126,3 +127,8 @@ def test_study_options_of_the_model_loss_and_schedule():
     assert [schedule(e) for e in range(6)] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
     with pytest.raises(ValueError, match="warmup_epochs"):
         aim.MaskAnnealing(0.25, 3, warmup_epochs=-1)
+    from aim.train import TrainConfig
+
+    with pytest.raises(ValueError, match="select-annealed"):
+        TrainConfig(select_annealed=True, epochs=4, anneal_epochs=3, warmup_epochs=1).check()
+    TrainConfig(select_annealed=True, epochs=5, anneal_epochs=3, warmup_epochs=1).check()
