@@ -15,6 +15,7 @@ def run_demo(args):
     import aim_kernels
     from aim import study
     from aim.data.embedded import AREA_RANGE, BACKGROUND_NAMES, FINETUNE_SHAPES, SHAPE_NAMES, TEXTURES
+    from aim.train import load_checkpoint, model_from_checkpoint
 
     start = time.perf_counter()
     if args.threads > 0:
@@ -44,8 +45,6 @@ def run_demo(args):
         print(f"fine-tuning {kind} in {run}")
         records[kind] = study.finetune(kind, weights, train, val, test, run, seed=args.seed, threads=args.threads,
                                        overrides=overrides)
-        from aim.train import load_checkpoint, model_from_checkpoint
-
         models[kind] = model_from_checkpoint(load_checkpoint(os.path.join(run, "best.pt")))
     rows = {kind: study.summary_row(record) for kind, record in records.items()}
     uniform = test.foregrounds.flatten(1).float().mean(1).mean().item()

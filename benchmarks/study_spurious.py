@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 
 from aim import study  # noqa: E402
+from aim.data.embedded import SHAPE_NAMES  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 METRICS = ("accuracy", "worst_group", "epg_gradcam", "epg_mask_finest", "epg_mask_best")
@@ -66,7 +67,7 @@ def run_embedded(args, overrides, log):
     pretrain = study.PretrainSettings(image_size=args.image_size, seed=0)
     weights, trained, pretrain_acc = study.pretrained_backbone(pretrain, threads=args.threads, log=log)
     log(f"pretrained backbone: {weights} ({'trained now' if trained else 'from the cache'}), "
-        f"val accuracy {pretrain_acc:.3f} over {len(__import__('aim.data.embedded', fromlist=['x']).SHAPE_NAMES)} shapes")
+        f"val accuracy {pretrain_acc:.3f} over {len(SHAPE_NAMES)} shapes")
     records = []
     with tempfile.TemporaryDirectory(prefix="aim_study_") as tmp:
         for correlation in args.correlations:
@@ -88,8 +89,8 @@ def run_embedded(args, overrides, log):
 
 def run_folder(args, overrides, log):
     from aim.data import open_split
-    from aim.train import fit, load_checkpoint, model_from_checkpoint, TrainConfig
     from aim.evaluate import evaluate
+    from aim.train import TrainConfig, fit, load_checkpoint, model_from_checkpoint
 
     val = open_split(args.data, "val", args.image_size, segmentations=args.segmentations)
     test = open_split(args.data, "test", args.image_size, segmentations=args.segmentations)
