@@ -17,9 +17,9 @@ def run_demo(args):
     from aim.data.embedded import AREA_RANGE, BACKGROUND_NAMES, FINETUNE_SHAPES, SHAPE_NAMES, TEXTURES
     from aim.train import load_checkpoint, model_from_checkpoint
 
-    start = time.perf_counter()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     pretrain = study.PretrainSettings(image_size=args.image_size, train_size=args.pretrain_size, epochs=args.pretrain_epochs)
     task = study.TaskSettings(image_size=args.image_size, spurious_correlation=args.spurious_correlation,

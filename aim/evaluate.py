@@ -43,9 +43,7 @@ class _Sums:
         self.values[name] = self.values.get(name, 0.0) + float(value)
 
     def reduce(self, device):
-        """Sum over ranks (a no-op in one process)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
+        """Sum over the ranks of the process group."""
         names = sorted(self.values)
         flat = torch.cat([torch.as_tensor(self.values[n], dtype=torch.float64).flatten() for n in names]).to(device)
         dist.all_reduce(flat)
@@ -59,21 +57,21 @@ class _Sums:
 
 @torch.no_grad()
 def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=None, channels_last=False,
-             with_gradcam=True, rank=0, world_size=1, sampler=None):
+             with_gradcam=True, rank=0, world_size=1):
     """Metrics of ``model`` on ``dataset`` (an :class:`aim.data.SampleDataset`) as a JSON-ready dict.
 
     Keys: num_samples, accuracy, class_accuracy, group_accuracy / worst_group_accuracy /
     mean_group_accuracy (None for layouts without groups), mask_active_fraction {stage} (AIM),
     energy_pointing_game {stage..., "gradcam"} and foreground_images (datasets with
     foregrounds; GradCAM only with ``with_gradcam``). GradCAM targets the true class.
-    In multi-process runs every rank passes its rank and world size and gets the same result.
+    In multi-process runs every rank passes its rank and world size, evaluates its shard, and
+    gets the result of the whole split; world_size 1 evaluates the whole split in this process.
     """
     from aim.data import ShardSampler
 
     was_training = model.training
     model.eval()
-    sampler = sampler if sampler is not None else ShardSampler(len(dataset), rank, world_size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world_size), num_workers=workers,
                         pin_memory=torch.device(device).type == "cuda")
     sums = _Sums(dataset.num_groups, dataset.num_classes)
     try:
@@ -104,7 +102,7 @@ def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=N
     finally:
         model.train(was_training)
     # Every rank must reduce the same keys, also one whose shard was empty and saw no masks.
-    return _finalize(sums, dataset, mask_stage_names(model), device, with_gradcam)
+    return _finalize(sums, dataset, mask_stage_names(model), device, with_gradcam, world_size)
 
 
 def unwrap(model):
@@ -124,7 +122,7 @@ def mask_stage_names(model):
     return [str(i) for i in range(count - model.depth, count)]
 
 
-def _finalize(sums, dataset, stages, device, with_gradcam):
+def _finalize(sums, dataset, stages, device, with_gradcam, world_size):
     for name in stages:
         sums.add(f"active/{name}", 0.0)
         if dataset.has_foregrounds:
@@ -133,7 +131,8 @@ def _finalize(sums, dataset, stages, device, with_gradcam):
         sums.add("foreground_images", 0.0)
         if with_gradcam:
             sums.add("epg/gradcam", 0.0)
-    sums.reduce(device)
+    if world_size > 1:
+        sums.reduce(device)
     v = sums.values
     seen = v["group_seen"].sum().item()
     result = {"num_samples": int(seen), "accuracy": v["group_correct"].sum().item() / seen,

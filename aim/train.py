@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 import aim
 from aim import metrics
+from aim.data import SeededSampler
 from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights
 from aim.evaluate import evaluate, logits_of, mask_stage_names, selection_metric, unwrap
 
@@ -296,20 +297,29 @@ def fit(config, train_set, val_set, resume=False, log=print):
     With ``resume`` it continues from ``out/last.pt``."""
     config.check()
     ranks = Distributed(config.device)
+    threads = torch.get_num_threads()
     try:
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
         return _fit(config, train_set, val_set, resume, ranks, log if ranks.main else (lambda *a, **k: None))
     finally:
+        torch.set_num_threads(threads)
         ranks.close()
 
 
 def _fit(config, train_set, val_set, resume, ranks, log):
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
     if config.batch_size % ranks.world_size:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {ranks.world_size} processes")
     last_path = os.path.join(config.out, "last.pt")
     checkpoint = _resume_point(config, resume, last_path, ranks)
     device = ranks.device
+    per_rank_batch = config.batch_size // ranks.world_size
+    sampler = SeededSampler(train_set, num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=config.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=config.workers, drop_last=True,
+                        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
+                        generator=torch.Generator().manual_seed(config.seed))
+    if len(loader) == 0:
+        raise ValueError(f"the training split has {len(train_set)} images, fewer than one batch of {config.batch_size}")
     # Gumbel noise of each rank draws from its own generator.
     torch.manual_seed(config.seed + ranks.rank)
     random.seed(config.seed + ranks.rank)
@@ -341,15 +351,6 @@ def _fit(config, train_set, val_set, resume, ranks, log):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         model = torch.compile(model, backend=config.compile_backend)
-    from aim.data import SeededSampler
-
-    per_rank_batch = config.batch_size // ranks.world_size
-    sampler = SeededSampler(train_set, num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=config.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=config.workers, drop_last=True,
-                        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
-                        generator=torch.Generator().manual_seed(config.seed))
-    if len(loader) == 0:
-        raise ValueError(f"the training split has {len(train_set)} images, fewer than one batch of {config.batch_size}")
     amp_dtype = AMP_DTYPES[config.amp]
     is_aim = config.model == "aim"
 
@@ -482,18 +483,3 @@ def command_train(args):
               f"{train_set.num_classes} classes" + (f", {train_set.num_groups} groups" if train_set.has_groups else ""), flush=True)
     fit(config, train_set, val_set, resume=args.resume)
 
-
-def keep_freed_memory():
-    """Ask glibc malloc to serve large blocks from the heap and keep freed memory (mallopt
-    M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 2 GiB - 1): by default every fresh large tensor is
-    a new mmap whose pages fault in on first touch. Returns False where there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold, limit = -1, -3, 2**31 - 1
-    return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))

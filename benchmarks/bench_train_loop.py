@@ -12,9 +12,12 @@ batch 32, one torch thread. Per process, in interleaved rounds:
   train_images_per_s: the training part of the epoch, without the val pass);
 - minimal: the same model, optimizer and loss over images decoded and transformed once and
   held in memory: forward, AIMLoss, backward, AdamW step, nothing else;
-- loader: the training DataLoader alone (decode, augment, collate), no model.
+- loader: the training DataLoader alone (decode, augment, collate), no model;
+- minimal resnet18: minimal steps of a larger model (AIM[2] on ResNet-18, 8 images of 160x160),
+  whose multi-MB tensors are where glibc's default page-faults.
 Processes alternate between the default malloc and keep_freed_memory() at start
-(the allocator only applies from process start). Writes benchmarks/results/train_loop[_quick].{json,csv}.
+(the allocator only applies from process start). Also fit on the generator's in-memory
+tensors (no decoding): the loop's own overhead against the minimal loop. Writes benchmarks/results/train_loop[_quick].{json,csv}.
 """
 import argparse
 import json
@@ -46,13 +49,22 @@ def make_data(root, s):
     save_waterbirds_layout(root, splits)
 
 
+def keep_freed_memory():
+    """What `aim` would do at start-up, were it worth it: glibc malloc serves large blocks from
+    the heap and keeps freed memory (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at 2 GiB - 1),
+    instead of a fresh mmap, page-faulted in on first touch, for every large tensor."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold, limit = -1, -3, 2**31 - 1
+    return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
+
+
 def child(root, quick, allocator, threads):
     if allocator == "keep-freed-memory":
-        from aim.train import keep_freed_memory
-
         assert keep_freed_memory()
     import aim
-    from aim.data import SeededSampler, open_split
+    from aim.data import SeededSampler, make_toy_split, open_split
     from aim.train import SMALL_BACKBONE, TrainConfig, build_model, fit, make_optimizer
 
     torch.set_num_threads(threads)
@@ -61,12 +73,17 @@ def child(root, quick, allocator, threads):
     val = open_split(root, "val", s["image_size"])
     base = dict(model="aim", backbone=SMALL_BACKBONE, topdown_channels=64, mask_channels=32, image_size=s["image_size"],
                 batch_size=s["batch"], epochs=s["epochs"], anneal_epochs=1, threads=threads)
-    rates = {"fit workers=0": [], "fit workers=1": [], "minimal": [], "loader workers=0": []}
+    rates = {"fit workers=0": [], "fit workers=1": [], "fit in-memory": [], "minimal": [], "loader workers=0": [],
+             "minimal resnet18 160px batch 8": []}
+    in_memory = make_toy_split(s["train"], s["image_size"], 0.9, seed=0).as_dataset()
     for _ in range(s["rounds"]):
         for workers in (0, 1):
             with tempfile.TemporaryDirectory() as out:
                 _, history = fit(TrainConfig(out=out, workers=workers, **base), train, val, log=lambda *a: None)
             rates[f"fit workers={workers}"] += [row["train_images_per_s"] for row in history[1:]]
+        with tempfile.TemporaryDirectory() as out:
+            _, history = fit(TrainConfig(out=out, workers=0, **base), in_memory, val, log=lambda *a: None)
+        rates["fit in-memory"] += [row["train_images_per_s"] for row in history[1:]]
 
         # The minimal loop: one fixed augmentation of every image, held in memory.
         items = [train[(i, i)] for i in range(len(train))]
@@ -90,12 +107,35 @@ def child(root, quick, allocator, threads):
             if epoch:
                 rates["minimal"].append(seen / (time.perf_counter() - started))
 
+        rates["minimal resnet18 160px batch 8"].append(large_model_rate(quick))
+
         loader = torch.utils.data.DataLoader(train, batch_size=s["batch"], sampler=SeededSampler(train, 1, 0, seed=0), drop_last=True)
         started, seen = time.perf_counter(), 0
         for batch in loader:
             seen += batch[0].shape[0]
         rates["loader workers=0"].append(seen / (time.perf_counter() - started))
     print(json.dumps({k: statistics.median(v) for k, v in rates.items()}))
+
+
+def large_model_rate(quick):
+    """Images/s of minimal training steps of AIM[2] on ResNet-18, 8 images of 160x160: tensors
+    of several MB, where the allocator setting matters (random images: only speed is measured)."""
+    import aim
+
+    torch.manual_seed(0)
+    model = aim.AIM("resnet18", num_classes=2, depth=2).train()
+    optimizer, criterion = torch.optim.AdamW(model.parameters(), lr=1e-4), aim.AIMLoss()
+    images, labels = torch.randn(8, 3, 160, 160), torch.randint(0, 2, (8,))
+    times = []
+    for step in range(3 if quick else 8):
+        started = time.perf_counter()
+        loss = criterion(model(images), labels, 0.5).total
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= 1:  # the first step allocates the optimizer state
+            times.append(time.perf_counter() - started)
+    return 8 / statistics.median(times)
 
 
 def main():

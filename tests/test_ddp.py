@@ -13,13 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from aim.cli import main
-from test_train import TINY, read_log
+from test_train import TINY, read_log, wait_for_first_checkpoint
 from tiny_datasets import make_waterbirds
 
 
@@ -64,11 +63,7 @@ def test_two_process_aim_run_resumes_exactly_after_sigkill(waterbirds, tmp_path)
     args = ["train", "--data", waterbirds, "--epochs", "3", *TINY]
     killed = tmp_path / "killed"
     proc = torchrun(*args, "--out", killed)
-    deadline = time.monotonic() + 240
-    while not (killed / "last.pt").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_first_checkpoint(proc, killed)
     # torchrun starts each worker in a session of its own: kill the workers, then torchrun.
     workers = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
     for pid in workers:

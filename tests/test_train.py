@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from aim.cli import main
-from test_aim_topdown import single_thread  # noqa: F401  (fixture)
 from tiny_datasets import make_folders, make_waterbirds, write_metadata
 
 TINY = ["--backbone", "small_convnet", "--topdown-channels", "16", "--mask-channels", "8", "--image-size", "32",
@@ -44,6 +43,15 @@ def aim_process(*args, timeout=300, **kwargs):
     """``python -m aim ARGS`` in a fresh process, started outside the repository."""
     return subprocess.Popen([sys.executable, "-m", "aim", *map(str, args)], cwd=kwargs.pop("cwd", "/"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def wait_for_first_checkpoint(proc, run, timeout=240):
+    """Poll until ``run/last.pt`` exists (the first epoch is done) while ``proc`` runs."""
+    deadline = time.monotonic() + timeout
+    while not (run / "last.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
 
 
 def read_log(run):
@@ -141,6 +149,19 @@ def test_bad_waterbirds_data_stops_before_training(waterbirds, tmp_path, capsys,
     assert not run.exists()  # nothing half-written
 
 
+def test_missing_foreground_mask_stops_before_training(waterbirds, tmp_path, capsys):
+    root, rows = waterbirds
+    data = _copy(root, tmp_path)
+    val = next(r for r in rows if r["split"] == 1)
+    mask = data / "segmentations" / (val["img_filename"][:-4] + ".png")
+    mask.unlink()
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--segmentations", str(data / "segmentations"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{mask} (foreground of {data / val['img_filename']}): cannot be read as a mask" in err
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("case", ["unknown val class", "empty split", "corrupt image"])
 def test_bad_folder_data_stops_before_training(folders, tmp_path, capsys, case):
     data = _copy(folders, tmp_path)
@@ -190,11 +211,7 @@ def test_resume_after_sigkill_ends_bit_identical(waterbirds, tmp_path):
     args = ["train", "--data", str(root), "--epochs", "3", *TINY]
     killed = tmp_path / "killed"
     proc = aim_process(*args, "--out", killed)
-    deadline = time.monotonic() + 240
-    while not (killed / "last.pt").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_first_checkpoint(proc, killed)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
@@ -216,3 +233,48 @@ def test_resume_after_sigkill_ends_bit_identical(waterbirds, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("time_s", "train_images_per_s")} for r in rows]  # noqa: E731
     assert strip(read_log(killed)) == strip(read_log(uninterrupted))
+
+
+def test_loader_workers_do_not_change_the_result(waterbirds, tmp_path):
+    """Each sample's augmentation is seeded by (seed, epoch, index), so decoding in 2 worker
+    processes trains exactly as decoding in this one does."""
+    root, _ = waterbirds
+    args = ["train", "--data", str(root), "--epochs", "1", *TINY]
+    assert main(args + ["--out", str(tmp_path / "inline")]) == 0
+    assert main(args + ["--out", str(tmp_path / "workers"), "--workers", "2"]) == 0
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True)["model"] for run in ("inline", "workers"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_progress_bar_on_a_terminal_only(waterbirds, tmp_path, capsys):
+    """A tqdm bar with running loss and images/s when stdout is a terminal (a pseudo-terminal
+    here); none when it is not (the in-process runs above print only the summary lines)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    root, _ = waterbirds
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "aim", "train", "--data", str(root), "--out", str(tmp_path / "tty"),
+                             "--epochs", "1", *TINY], cwd="/", stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, output
+    text = output.decode()
+    assert "epoch 1/1: 100%" in text and "img_s=" in text and "loss=" in text
+    assert text.rstrip().endswith("best epoch 1")  # the bar was cleared; the summary line stays
+
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "pipe"), "--epochs", "1", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "it/s" not in captured.out + captured.err and "epoch 1/1 | loss" in captured.out

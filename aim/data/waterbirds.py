@@ -17,7 +17,7 @@ def read_metadata(root):
     """Rows of metadata.csv as (line number, img_filename, y, split, place), every value checked."""
     path = os.path.join(root, "metadata.csv")
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # tolerates a byte-order mark
             reader = csv.DictReader(f)
             missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
