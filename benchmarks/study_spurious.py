@@ -34,7 +34,7 @@ from aim import study  # noqa: E402
 from aim.data.embedded import SHAPE_NAMES  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
-METRICS = ("accuracy", "worst_group", "epg_gradcam", "epg_mask_finest", "epg_mask_best")
+METRICS = ("accuracy", "worst_group", "epg_gradcam", "epg_mask_finest", "epg_mask_coarsest")
 
 
 def parse_overrides(items):
@@ -60,7 +60,7 @@ def flat_metrics(row):
     masks = row["epg_masks"]
     return {"accuracy": row["accuracy"], "worst_group": row["worst_group"], "epg_gradcam": row["epg_gradcam"],
             "epg_mask_finest": next(iter(masks.values()), None),
-            "epg_mask_best": max(masks.values()) if masks else None}
+            "epg_mask_coarsest": list(masks.values())[-1] if masks else None}
 
 
 def run_embedded(args, overrides, log):
@@ -160,7 +160,8 @@ def write_table(summary, stem):
     correlations = sorted({row["correlation"] for row in summary}, key=str)
     bars = [("baseline", "worst_group", "baseline worst-group"), ("aim", "worst_group", "AIM worst-group"),
             ("baseline", "epg_gradcam", "baseline GradCAM EPG"), ("aim", "epg_gradcam", "AIM GradCAM EPG"),
-            ("aim", "epg_mask_best", "AIM mask EPG (best stage)")]
+            ("aim", "epg_mask_finest", "AIM mask EPG (finest stage)"),
+            ("aim", "epg_mask_coarsest", "AIM mask EPG (coarsest stage)")]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(bars)
     for i, (kind, metric, label) in enumerate(bars):
