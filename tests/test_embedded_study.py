@@ -132,3 +132,27 @@ def test_study_options_of_the_model_loss_and_schedule():
     with pytest.raises(ValueError, match="select-annealed"):
         TrainConfig(select_annealed=True, epochs=4, anneal_epochs=3, warmup_epochs=1).check()
     TrainConfig(select_annealed=True, epochs=5, anneal_epochs=3, warmup_epochs=1).check()
+
+
+def test_study_script_on_a_waterbirds_layout_folder(tmp_path):
+    """benchmarks/study_spurious.py --data/--segmentations: both models, test EPG of GradCAM and masks."""
+    import os
+    import sys
+
+    from aim.data.toy import make_toy_split, save_waterbirds_layout
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import study_spurious
+
+    root = tmp_path / "wb"
+    splits = {"train": make_toy_split(64, 32, 0.95, seed=0), "val": make_toy_split(32, 32, 0.5, seed=1),
+              "test": make_toy_split(32, 32, 0.5, seed=2)}
+    save_waterbirds_layout(str(root), splits)
+    study_spurious.main(["--data", str(root), "--segmentations", str(root / "segmentations"), "--backbone", "small_convnet",
+                         "--image-size", "32", "--seeds", "0", "--set", "epochs=2", "--set", "anneal_epochs=1",
+                         "--set", "batch_size=32", "--out", str(tmp_path / "result")])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert [row["model"] for row in result["summary"]] == ["baseline", "aim"]
+    aim_record = result["records"][1]
+    assert aim_record["test"]["num_samples"] == 32 and set(aim_record["test"]["energy_pointing_game"]) == {"2", "3", "gradcam"}
+    assert (tmp_path / "result.csv").exists() and (tmp_path / "result.png").read_bytes()[:4] == b"\x89PNG"
