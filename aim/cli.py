@@ -32,6 +32,7 @@ def build_parser():
     train.add_argument("--stage-loss-weight", type=float, default=1.0, help="weight of the stage classifiers' cross-entropies")
     train.add_argument("--warmup-epochs", type=int, default=0, help="epochs with masks fully on (tau 1) before annealing")
     train.add_argument("--select-annealed", action="store_true", help="AIM: select best.pt only among epochs at the target tau")
+    train.add_argument("--noise-off-epochs", type=int, default=0, help="AIM: the last N epochs train without Gumbel noise")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--anneal-epochs", type=int, default=10, help="epochs over which tau goes from 1.0 to --target")
     train.add_argument("--batch-size", type=int, default=32, help="global batch (split over processes)")

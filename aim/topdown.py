@@ -141,6 +141,9 @@ class FusedTopDownMask(nn.Module):
         self.mask_estimators = nn.ModuleList([MaskEstimator(c, mask_hidden_channels, initial_logit=initial_mask_logit)
                                               for c in run_channels])
         self.last_masks = None
+        # False: train mode thresholds the logits without Gumbel noise (straight-through gradient
+        # kept), e.g. for the last epochs of training as DynConv does.
+        self.gumbel_noise = True
 
     def extra_repr(self):
         return (f"in_channels_list={self.in_channels_list}, out_channels={self.out_channels}, depth={self.depth}, "
@@ -169,7 +172,7 @@ class FusedTopDownMask(nn.Module):
         for i in reversed(range(self.depth)):
             stage = x[run_names[i]]
             lateral = self.lateral[i](stage)
-            mask = binarize(self.mask_estimators[i](stage), self.temperature, training=self.training)
+            mask = binarize(self.mask_estimators[i](stage), self.temperature, training=self.training and self.gumbel_noise)
             prev = merge(lateral, mask, prev)
             features[run_names[i]] = prev
             masks[run_names[i]] = mask

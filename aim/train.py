@@ -70,6 +70,7 @@ class TrainConfig:
     stage_loss_weight: float = 1.0  # weight of the stage classifiers' cross-entropies in AIMLoss
     warmup_epochs: int = 0          # epochs at tau = 1 (masks fully on) before the annealing starts
     select_annealed: bool = False   # AIM: best.pt only among epochs trained at the target tau
+    noise_off_epochs: int = 0       # AIM: the last N epochs train without Gumbel noise (masks thresholded)
 
     def check(self):
         if self.model not in ("aim", "baseline"):
@@ -83,8 +84,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.anneal_epochs < 0 or self.workers < 0:
-            raise ValueError("--anneal-epochs and --workers must be >= 0")
+        if self.anneal_epochs < 0 or self.workers < 0 or self.noise_off_epochs < 0:
+            raise ValueError("--anneal-epochs, --workers and --noise-off-epochs must be >= 0")
         if self.select_annealed and self.model == "aim" and self.epochs <= self.warmup_epochs + self.anneal_epochs:
             raise ValueError(f"--select-annealed needs an epoch at the target tau: --epochs {self.epochs} must exceed "
                              f"--warmup-epochs + --anneal-epochs ({self.warmup_epochs + self.anneal_epochs})")
@@ -359,6 +360,8 @@ def _fit(config, train_set, val_set, resume, ranks, log):
         sampler.set_epoch(epoch)
         set_train_mode(model, config.freeze_bn)
         tau = schedule(epoch)
+        if is_aim:
+            raw_model.topdown.gumbel_noise = epoch < config.epochs - config.noise_off_epochs
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         # Summed on the device: reading them every step would synchronize a GPU.
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n

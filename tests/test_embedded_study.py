@@ -123,6 +123,14 @@ def test_study_options_of_the_model_loss_and_schedule():
     stage_ce = sum(torch.nn.functional.cross_entropy(s, labels) for s in out.stage_logits.values())
     assert torch.allclose(weighted.classification - plain.classification, 0.5 * stage_ce)
     assert torch.allclose(plain.classification, torch.nn.functional.cross_entropy(out.logits, labels))
+    # Constant logits 0.5: with Gumbel noise about 38% of the entries drop, without it none.
+    for estimator in model.topdown.mask_estimators:
+        torch.nn.init.constant_(estimator.to_logit.bias, 0.5)
+    model.train()
+    with torch.no_grad():
+        assert any(bool((m == 0).any()) for m in model(images).masks.values())
+        model.topdown.gumbel_noise = False
+        assert all(bool((m == 1).all()) for m in model(images).masks.values())
     schedule = aim.MaskAnnealing(0.25, anneal_epochs=3, warmup_epochs=2)
     assert [schedule(e) for e in range(6)] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
     with pytest.raises(ValueError, match="warmup_epochs"):
