@@ -1,61 +1,125 @@
-"""``aim demo``: AIM (and optionally the baseline) on the embedded WaterBirds-like task, through
-the same training loop and evaluation as ``aim train`` / ``aim eval``."""
+"""``aim demo``: the spurious-correlation protocol of issue 11 on the embedded benchmark, for one
+seed (:mod:`aim.study`, through the training loop and evaluation of ``aim train`` / ``aim eval``):
+pretrain a small backbone on an unbiased generated set (cached), fine-tune the baseline and AIM
+from it on the biased task, select each on val worst-group accuracy, and compare them on the
+balanced test split."""
 import json
 import os
-import shutil
 import time
 
 import torch
-
-from aim.train import SMALL_BACKBONE, TrainConfig, fit
+import torch.nn.functional as F
 
 
 def run_demo(args):
     import aim_kernels
-    from aim.data import make_toy_split
-    from aim.evaluate import evaluate, format_table
-    from aim.visualize import save_mask_overlay
+    from aim import study
+    from aim.data.embedded import AREA_RANGE, BACKGROUND_NAMES, FINETUNE_SHAPES, SHAPE_NAMES, TEXTURES
+    from aim.train import load_checkpoint, model_from_checkpoint
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    train = make_toy_split(args.train_size, args.image_size, args.spurious_correlation, seed=args.seed)
-    val = make_toy_split(args.test_size, args.image_size, 0.5, seed=args.seed + 20_000)
-    test = make_toy_split(args.test_size, args.image_size, 0.5, seed=args.seed + 10_000)
-    train_agree = (train.labels == train.backgrounds).float().mean().item()
-    print(f"toy task: class = object shape (disk / plus), background land / water agrees with the class in "
-          f"{100 * train_agree:.0f}% of {len(train)} training images; val and test ({len(test)} each) independent "
-          f"({args.image_size}x{args.image_size})")
+    os.makedirs(args.out, exist_ok=True)
+    pretrain = study.PretrainSettings(image_size=args.image_size, train_size=args.pretrain_size, epochs=args.pretrain_epochs)
+    task = study.TaskSettings(image_size=args.image_size, spurious_correlation=args.spurious_correlation,
+                              train_size=args.train_size, val_size=args.val_size, test_size=args.test_size, seed=args.seed)
+    print(f"embedded benchmark ({args.image_size}x{args.image_size}): pretraining on {pretrain.train_size} images of "
+          f"{len(SHAPE_NAMES)} shapes on {len(TEXTURES)} texture families, class and background independent; "
+          f"fine-tuning task {' vs '.join(FINETUNE_SHAPES)} on {' / '.join(BACKGROUND_NAMES)}, background = class in "
+          f"{args.spurious_correlation:.0%} of {task.train_size} training images, val ({task.val_size}) and test "
+          f"({task.test_size}) balanced over the 4 groups; object area {AREA_RANGE[0]:.0%}-{AREA_RANGE[1]:.0%} of the "
+          f"image and colour random, independent of the class")
     print(f"ops: {'reference (plain PyTorch)' if args.reference else 'fused'}; aim_kernels backends: "
           + ", ".join(k for k, v in aim_kernels.backends().items() if v["available"]))
-    datasets = {name: split.as_dataset() for name, split in (("train", train), ("val", val), ("test", test))}
-    summary = {"args": vars(args)}
-    for kind in ("aim", "baseline") if args.baseline else ("aim",):
+    weights, trained, pretrain_accuracy = study.pretrained_backbone(pretrain, threads=args.threads)
+    print(f"pretrained backbone ({'trained now' if trained else 'from the cache'}): {weights}, "
+          f"val accuracy {pretrain_accuracy:.3f} over {len(SHAPE_NAMES)} shapes")
+    train, val, test = study.task_splits(task)
+    overrides = {"epochs": args.epochs, "anneal_epochs": args.anneal_epochs, "target": args.target, "depth": args.depth,
+                 "lr": args.lr, "backbone_lr": args.backbone_lr, "batch_size": args.batch_size,
+                 "use_reference": args.reference}
+    records, models = {}, {}
+    for kind in ("baseline", "aim"):
         run = os.path.join(args.out, kind)
-        shutil.rmtree(run, ignore_errors=True)  # the demo always starts afresh
-        config = TrainConfig(out=run, model=kind, backbone=SMALL_BACKBONE, depth=args.depth, target=args.target,
-                             topdown_channels=64, mask_channels=32, epochs=args.epochs, anneal_epochs=args.anneal_epochs,
-                             batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, workers=0, seed=args.seed,
-                             threads=args.threads, use_reference=args.reference)
-        print(f"{kind}: {run}")
-        model, history = fit(config, datasets["train"], datasets["val"])
-        result = evaluate(model, datasets["test"], batch_size=args.batch_size)
-        print(f"{kind}, last epoch, test split:\n" + format_table(result, datasets["test"].class_names, datasets["test"].group_names))
-        summary[kind] = {"history": history, "test": result}
-        if kind == "aim":
-            aim_model = model
-    box_fraction = torch.tensor([(b[2] - b[0]) * (b[3] - b[1]) for b in test.boxes.tolist()]).float().mean().item() / args.image_size ** 2
-    print(f"EPG of a map that keeps everything (object box area / image area): {box_fraction:.2f}")
-    summary["uniform_map_energy_pointing_game"] = box_fraction
-
-    # Masks of test images whose background contradicts the class: where the shortcut misleads.
-    shown = torch.nonzero(test.labels != test.backgrounds).flatten()[:8]
-    with torch.no_grad():
-        out = aim_model.eval()(test.images[shown])
-    png = os.path.join(args.out, "masks.png")
-    save_mask_overlay(test.images[shown], list(out.masks.values()), test.boxes[shown], png)
+        print(f"fine-tuning {kind} in {run}")
+        records[kind] = study.finetune(kind, weights, train, val, test, run, seed=args.seed, threads=args.threads,
+                                       overrides=overrides)
+        models[kind] = model_from_checkpoint(load_checkpoint(os.path.join(run, "best.pt")))
+    rows = {kind: study.summary_row(record) for kind, record in records.items()}
+    uniform = test.foregrounds.flatten(1).float().mean(1).mean().item()
+    print(side_by_side(rows, uniform))
+    placement = records["aim"]["test"]["mask_placement"]
+    print("AIM masks on conflicting test images (background contradicts the class): fraction kept of the object / "
+          "of the background: " + ", ".join(f"stage {k} {v['conflict']['object_kept']:.2f} / {v['conflict']['background_kept']:.2f}"
+                                           for k, v in placement.items()))
+    png = os.path.join(args.out, "conflicting_test_images.png")
+    save_comparison_grid(models, test, png, count=8)
+    summary = {"args": vars(args), "pretrained_backbone": weights, "pretrain_val_accuracy": pretrain_accuracy,
+               "uniform_map_energy_pointing_game": uniform, "table": rows, "records": records,
+               "time_s": time.perf_counter() - start}
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"wrote {png} (rows: test images whose background contradicts the class; columns: image, then the mask of "
-          f"each top-down stage {list(out.masks)}, finest first; red: object box) and {os.path.join(args.out, 'metrics.json')}")
+    print(f"wrote {png} (rows: test images whose background contradicts the class; columns: image, AIM's masks "
+          f"finest first, AIM's GradCAM, the baseline's GradCAM) and {os.path.join(args.out, 'metrics.json')}")
     print(f"done in {time.perf_counter() - start:.0f} s")
+    return summary
+
+
+def side_by_side(rows, uniform):
+    """The demo's table: baseline vs AIM on the test split."""
+    def cell(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    stages = list(rows["aim"]["epg_masks"])
+    lines = [f"{'test (val-selected epoch)':<34} {'baseline':>9} {'AIM':>9}",
+             f"{'average accuracy':<34} {cell(rows['baseline']['accuracy']):>9} {cell(rows['aim']['accuracy']):>9}",
+             f"{'worst-group accuracy':<34} {cell(rows['baseline']['worst_group']):>9} {cell(rows['aim']['worst_group']):>9}",
+             f"{'EPG of GradCAM':<34} {cell(rows['baseline']['epg_gradcam']):>9} {cell(rows['aim']['epg_gradcam']):>9}"]
+    lines += [f"{'EPG of mask, stage ' + s:<34} {'-':>9} {cell(rows['aim']['epg_masks'][s]):>9}" for s in stages]
+    lines.append(f"{'selected epoch':<34} {rows['baseline']['best_epoch']:>9} {rows['aim']['best_epoch']:>9}")
+    lines.append(f"(EPG of a map that keeps everything = object area / image area = {uniform:.3f})")
+    return "\n".join(lines)
+
+
+def save_comparison_grid(models, split, path, count=8):
+    """PNG: per conflicting test image, the image, AIM's masks (dropped positions dimmed), AIM's
+    GradCAM and the baseline's GradCAM (on the true class), the object outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from aim.evaluate import gradcam
+
+    shown = torch.nonzero(split.labels != split.backgrounds).flatten()[:count]
+    images, labels = split.images[shown], split.labels[shown]
+    size = images.shape[-2:]
+    with torch.no_grad():
+        aim_out = models["aim"].eval()(images)
+        baseline_pred = models["baseline"].eval()(images).argmax(1)
+    masks = {name: F.interpolate(m.float(), size=size, mode="nearest")[:, 0] for name, m in aim_out.masks.items()}
+    cams = {}
+    for kind in ("aim", "baseline"):
+        cam = F.interpolate(gradcam(models[kind], images, labels), size=size, mode="bilinear", align_corners=False)[:, 0]
+        cams[kind] = cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    columns = 1 + len(masks) + 2
+    fig, axes = plt.subplots(len(shown), columns, figsize=(1.6 * columns, 1.6 * len(shown) + 0.4), squeeze=False)
+    for i in range(len(shown)):
+        picture = images[i].permute(1, 2, 0).numpy()
+        outline = split.foregrounds[shown[i], 0].numpy()
+        panels = [("image\n" + split.class_names[labels[i]] + " on " + split.background_names[split.backgrounds[shown[i]]], picture, None)]
+        panels += [(f"AIM mask {name}", picture * (0.15 + 0.85 * m[i].numpy()[..., None]), None) for name, m in masks.items()]
+        panels += [(f"AIM GradCAM\npred {split.class_names[aim_out.logits[i].argmax()]}", picture, cams["aim"][i].numpy()),
+                   (f"baseline GradCAM\npred {split.class_names[baseline_pred[i]]}", picture, cams["baseline"][i].numpy())]
+        for ax, (title, shown_picture, heat) in zip(axes[i], panels):
+            ax.imshow(shown_picture)
+            if heat is not None:
+                ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.contour(outline, levels=[0.5], colors="red", linewidths=0.6)
+            ax.axis("off")
+            if i == 0 or heat is not None or title.startswith("image"):
+                ax.set_title(title, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

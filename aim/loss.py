@@ -17,17 +17,18 @@ class AIMLossParts(NamedTuple):
 
 
 class AIMLoss(nn.Module):
-    """total = sum of cross-entropies (final classifier and every stage classifier)
-    + mask_weight * ``aim_kernels.mask_loss``: the sum over stages of (r_l - tau)^2, r_l the
-    fraction of active entries of stage l's masks over the batch (differentiable through the
-    straight-through masks).
+    """total = cross-entropy of the final classifier + stage_weight * those of the stage
+    classifiers + mask_weight * ``aim_kernels.mask_loss``: the sum over stages of (r_l - tau)^2,
+    r_l the fraction of active entries of stage l's masks over the batch (differentiable through
+    the straight-through masks).
     """
 
-    def __init__(self, mask_weight=MASK_LOSS_WEIGHT):
+    def __init__(self, mask_weight=MASK_LOSS_WEIGHT, stage_weight=1.0):
         super().__init__()
-        if not math.isfinite(mask_weight) or mask_weight < 0:
-            raise ValueError(f"mask_weight must be a finite number >= 0, got {mask_weight}")
-        self.mask_weight = float(mask_weight)
+        for name, value in (("mask_weight", mask_weight), ("stage_weight", stage_weight)):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        self.mask_weight, self.stage_weight = float(mask_weight), float(stage_weight)
 
     def forward(self, output, labels, tau):
         """output: an :class:`aim.AIMOutput`; labels: (N,) class indices; tau: the current target
@@ -35,21 +36,22 @@ class AIMLoss(nn.Module):
         finest first."""
         classification = F.cross_entropy(output.logits, labels)
         for stage_logits in output.stage_logits.values():
-            classification = classification + F.cross_entropy(stage_logits, labels)
+            classification = classification + self.stage_weight * F.cross_entropy(stage_logits, labels)
         mask = mask_loss(list(output.masks.values()), tau)
         return AIMLossParts(classification + self.mask_weight * mask, classification, mask)
 
 
 class MaskAnnealing:
-    """tau for an epoch: linear from ``start`` (1.0, fully active) at epoch 0 to ``target`` at
-    epoch ``anneal_epochs``, then held. Fractional epochs (e.g. per step) interpolate too."""
+    """tau for an epoch: ``start`` (1.0, fully active) for ``warmup_epochs``, then linear to
+    ``target`` over ``anneal_epochs``, then held. Fractional epochs (e.g. per step) interpolate too."""
 
-    def __init__(self, target, anneal_epochs, start=1.0):
+    def __init__(self, target, anneal_epochs, start=1.0, warmup_epochs=0):
         if not 0 < target <= 1 or not 0 < start <= 1:
             raise ValueError(f"target and start must be fractions in (0, 1], got target={target}, start={start}")
-        if anneal_epochs < 0:
-            raise ValueError(f"anneal_epochs must be >= 0, got {anneal_epochs}")
+        if anneal_epochs < 0 or warmup_epochs < 0:
+            raise ValueError(f"anneal_epochs and warmup_epochs must be >= 0, got {anneal_epochs} and {warmup_epochs}")
         self.target, self.anneal_epochs, self.start = float(target), anneal_epochs, float(start)
+        self.warmup_epochs = warmup_epochs
 
     @classmethod
     def for_model(cls, model, anneal_epochs, start=1.0):
@@ -59,6 +61,9 @@ class MaskAnnealing:
     def __call__(self, epoch):
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch < self.warmup_epochs:
+            return self.start
+        epoch = epoch - self.warmup_epochs
         if self.anneal_epochs == 0 or epoch >= self.anneal_epochs:
             return self.target
         return self.start + (self.target - self.start) * epoch / self.anneal_epochs

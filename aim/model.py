@@ -4,7 +4,7 @@ from typing import NamedTuple
 from torch import nn
 
 from aim.backbones import as_stage_dict, build_backbone, probe_stage_channels
-from aim.topdown import FusedTopDownMask
+from aim.topdown import INITIAL_MASK_LOGIT, FusedTopDownMask
 
 
 class AIMOutput(NamedTuple):
@@ -39,10 +39,12 @@ class AIM(nn.Module):
             which the masks and the stage maps give directly (``FusedTopDownMask.pooled_outputs``,
             exact up to rounding); ``self.topdown`` on its own computes T_l only where the mask is
             active (masked_conv2d). Same masks as the dense path, bit for bit.
+        initial_mask_logit: initial bias of the mask estimators' logits.
     """
 
     def __init__(self, backbone, num_classes, depth=2, target=0.25, out_channels=256, mask_hidden_channels=128,
-                 temperature=1.0, weights=None, stage_channels=None, use_reference=False, sparse_eval=True):
+                 temperature=1.0, weights=None, stage_channels=None, use_reference=False, sparse_eval=True,
+                 initial_mask_logit=INITIAL_MASK_LOGIT):
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, weights=weights)
@@ -56,7 +58,7 @@ class AIM(nn.Module):
         channels = list(stage_channels) if stage_channels is not None else probe_stage_channels(backbone)
         self.topdown = FusedTopDownMask(channels, out_channels, depth=depth, temperature=temperature, target=target,
                                         mask_hidden_channels=mask_hidden_channels, use_reference=use_reference,
-                                        sparse_eval=sparse_eval)
+                                        sparse_eval=sparse_eval, initial_mask_logit=initial_mask_logit)
         # One classifier per top-down stage (on O_l), finest first like the stage dicts.
         self.stage_classifiers = nn.ModuleList([nn.Linear(out_channels, num_classes) for _ in range(self.topdown.depth)])
         self.classifier = nn.Linear(out_channels, num_classes)

@@ -57,7 +57,7 @@ class MaskEstimator(nn.Module):
     1x1 conv is the same function class (the 1x1 conv is linear) with fewer parameters.
     """
 
-    def __init__(self, in_channels, hidden_channels=128, num_blocks=3):
+    def __init__(self, in_channels, hidden_channels=128, num_blocks=3, initial_logit=INITIAL_MASK_LOGIT):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False),
@@ -67,7 +67,7 @@ class MaskEstimator(nn.Module):
         self.blocks = nn.Sequential(*[ResidualBlock(hidden_channels) for _ in range(num_blocks)])
         self.global_branch = nn.Linear(hidden_channels, 1)
         self.to_logit = nn.Conv2d(hidden_channels, 1, 1)
-        nn.init.constant_(self.to_logit.bias, INITIAL_MASK_LOGIT)
+        nn.init.constant_(self.to_logit.bias, initial_logit)
 
     def forward(self, x):
         hidden = self.blocks(self.stem(x))
@@ -108,6 +108,8 @@ class FusedTopDownMask(nn.Module):
             merge in the same op (``aim_kernels.masked_conv2d``; the reference path runs the
             dense composition it is checked against). The masks are the same bits as the dense
             path's, the features equal within rounding. Train mode is unaffected.
+        initial_mask_logit: initial bias of every mask estimator's logit (sigmoid of it: the
+            expected active fraction at initialization).
 
     Train mode samples Gumbel masks; eval mode thresholds the logits at 0. The masks of the last
     forward are kept (detached) in ``last_masks``; ``forward(x, return_masks=True)`` returns
@@ -115,7 +117,8 @@ class FusedTopDownMask(nn.Module):
     """
 
     def __init__(self, in_channels_list, out_channels, depth=None, temperature=1.0, target=0.25,
-                 mask_hidden_channels=128, use_reference=False, sparse_eval=True):
+                 mask_hidden_channels=128, use_reference=False, sparse_eval=True,
+                 initial_mask_logit=INITIAL_MASK_LOGIT):
         super().__init__()
         in_channels_list = list(in_channels_list)
         if not in_channels_list or not all(isinstance(c, int) and c > 0 for c in in_channels_list):
@@ -141,8 +144,12 @@ class FusedTopDownMask(nn.Module):
         run_channels = in_channels_list[num_stages - depth:]
         # Index i of these lists is the i-th stage the pathway runs through, finest first.
         self.lateral = nn.ModuleList([nn.Conv2d(c, out_channels, 1) for c in run_channels])
-        self.mask_estimators = nn.ModuleList([MaskEstimator(c, mask_hidden_channels) for c in run_channels])
+        self.mask_estimators = nn.ModuleList([MaskEstimator(c, mask_hidden_channels, initial_logit=initial_mask_logit)
+                                              for c in run_channels])
         self.last_masks = None
+        # False: train mode thresholds the logits without Gumbel noise (straight-through gradient
+        # kept), e.g. for the last epochs of training as DynConv does.
+        self.gumbel_noise = True
 
     def extra_repr(self):
         return (f"in_channels_list={self.in_channels_list}, out_channels={self.out_channels}, depth={self.depth}, "
@@ -173,7 +180,7 @@ class FusedTopDownMask(nn.Module):
         prev = None
         for i in reversed(range(self.depth)):
             stage = x[run_names[i]]
-            mask = binarize(self.mask_estimators[i](stage), self.temperature, training=self.training)
+            mask = binarize(self.mask_estimators[i](stage), self.temperature, training=self.training and self.gumbel_noise)
             if sparse:  # T_l only where the mask is active, fused with the merge
                 prev = masked_conv(stage, self.lateral[i].weight, self.lateral[i].bias, mask, prev)
             else:

@@ -66,6 +66,11 @@ class TrainConfig:
     freeze_bn: bool = False         # BatchNorm layers use their running statistics, which stay fixed
     threads: int = 0                # torch intra-op threads (0: torch's default)
     use_reference: bool = False     # plain-PyTorch reference ops instead of the fused ones
+    initial_mask_logit: float = 2.0  # initial bias of the mask estimators' logits (aim.topdown.INITIAL_MASK_LOGIT)
+    stage_loss_weight: float = 1.0  # weight of the stage classifiers' cross-entropies in AIMLoss
+    warmup_epochs: int = 0          # epochs at tau = 1 (masks fully on) before the annealing starts
+    select_annealed: bool = False   # AIM: best.pt only among epochs trained at the target tau
+    noise_off_epochs: int = 0       # AIM: the last N epochs train without Gumbel noise (masks thresholded)
 
     def check(self):
         if self.model not in ("aim", "baseline"):
@@ -79,8 +84,11 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.anneal_epochs < 0 or self.workers < 0:
-            raise ValueError("--anneal-epochs and --workers must be >= 0")
+        if self.anneal_epochs < 0 or self.workers < 0 or self.noise_off_epochs < 0:
+            raise ValueError("--anneal-epochs, --workers and --noise-off-epochs must be >= 0")
+        if self.select_annealed and self.model == "aim" and self.epochs <= self.warmup_epochs + self.anneal_epochs:
+            raise ValueError(f"--select-annealed needs an epoch at the target tau: --epochs {self.epochs} must exceed "
+                             f"--warmup-epochs + --anneal-epochs ({self.warmup_epochs + self.anneal_epochs})")
 
 
 # Settings that may change between a run and its resumption without changing its result.
@@ -96,7 +104,8 @@ def build_model(config, num_classes):
         return BaselineClassifier(backbone, num_classes)
     return aim.AIM(backbone, num_classes=num_classes, depth=config.depth, target=config.target,
                    out_channels=config.topdown_channels, mask_hidden_channels=config.mask_channels,
-                   temperature=config.temperature, use_reference=config.use_reference)
+                   temperature=config.temperature, use_reference=config.use_reference,
+                   initial_mask_logit=config.initial_mask_logit)
 
 
 def build_run_backbone(config):
@@ -321,8 +330,8 @@ def _fit(config, train_set, val_set, resume, ranks, log):
     optimizer = make_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
-    schedule = aim.MaskAnnealing(config.target, config.anneal_epochs)
-    criterion = aim.AIMLoss()
+    schedule = aim.MaskAnnealing(config.target, config.anneal_epochs, warmup_epochs=config.warmup_epochs)
+    criterion = aim.AIMLoss(stage_weight=config.stage_loss_weight)
     history, best, start_epoch = [], None, 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -351,6 +360,8 @@ def _fit(config, train_set, val_set, resume, ranks, log):
         sampler.set_epoch(epoch)
         set_train_mode(model, config.freeze_bn)
         tau = schedule(epoch)
+        if is_aim:
+            raw_model.topdown.gumbel_noise = epoch < config.epochs - config.noise_off_epochs
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         # Summed on the device: reading them every step would synchronize a GPU.
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
@@ -388,7 +399,9 @@ def _fit(config, train_set, val_set, resume, ranks, log):
                "val": val, "train_images_per_s": seen / train_time, "time_s": time.perf_counter() - started}
         history.append(row)
         score = selection_metric(val)
-        improved = best is None or score > best["score"]
+        # An AIM model whose masks have not reached the target is not AIM[depth, target] yet.
+        eligible = not (is_aim and config.select_annealed) or tau == schedule.target
+        improved = eligible and (best is None or score > best["score"])
         if improved:
             best = {"epoch": epoch + 1, "score": score}
         rngs = ranks.gather(rng_state())
@@ -410,7 +423,7 @@ def _resume_point(config, resume, last_path, ranks):
     checkpoint = load_checkpoint(last_path)
     saved = checkpoint["config"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
-               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+               if k not in RESUMABLE_CHANGES and saved.get(k, getattr(TrainConfig, k)) != v]
     if changed:
         raise ValueError(f"--resume: settings differ from the run in {config.out}: {'; '.join(changed)}")
     if len(checkpoint["rng"]) != ranks.world_size:
@@ -451,7 +464,7 @@ def _summary_line(row, epochs, best):
     parts.append(f"val acc {val['accuracy']:.3f}")
     if val["worst_group_accuracy"] is not None:
         parts.append(f"worst group {val['worst_group_accuracy']:.3f}")
-    parts += [f"{row['train_images_per_s']:.0f} img/s", f"{row['time_s']:.0f} s", f"best epoch {best['epoch']}"]
+    parts += [f"{row['train_images_per_s']:.0f} img/s", f"{row['time_s']:.0f} s", f"best epoch {best['epoch'] if best else '-'}"]
     return " | ".join(parts)
 
 

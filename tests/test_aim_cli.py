@@ -1,5 +1,4 @@
 """aim.data, aim.metrics and the `aim` command line."""
-import json
 import os
 import subprocess
 import sys
@@ -50,21 +49,6 @@ def test_group_accuracies():
     assert per_group[:3] == [1.0, 1.0, 0.5] and per_group[3] != per_group[3]
     assert worst == 0.5
     assert metrics.accuracy(torch.tensor([[2.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 0])) == 0.5
-
-
-def test_demo_writes_metrics_and_mask_png(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "2", "--anneal-epochs", "1", "--train-size", "128",
-                 "--test-size", "64", "--image-size", "32", "--batch-size", "32"]) == 0
-    printed = capsys.readouterr().out
-    assert "worst group" in printed and "masks.png" in printed
-    summary = json.loads((tmp_path / "metrics.json").read_text())
-    assert [row["tau"] for row in summary["aim"]["history"]] == [1.0, 0.25]
-    assert set(summary["aim"]["test"]["energy_pointing_game"]) == {"2", "3", "gradcam"}
-    assert summary["aim"]["test"]["num_samples"] == 64
-    # The demo runs through aim train's loop: its run folder is one `aim eval` reads.
-    assert (tmp_path / "aim" / "best.pt").exists() and (tmp_path / "aim" / "log.jsonl").read_text().count("\n") == 2
-    png = (tmp_path / "masks.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_module_entry_point_profile():

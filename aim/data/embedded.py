@@ -1,0 +1,256 @@
+"""The embedded spurious-correlation benchmark (no downloads): an unbiased pretraining set and a
+biased two-class fine-tuning task, the CPU-sized analog of ImageNet pretraining + WaterBirds.
+
+Every image is one object (a filled shape) pasted on a procedural background texture.
+
+- **Object:** the class is the shape, nothing else. Its area is drawn uniformly from
+  ``AREA_RANGE`` (a fraction of the image) independently of the class -- each shape's bounding
+  box is scaled so the shape itself has that area, so no class covers more pixels -- and its
+  colour is a random hue and brightness, also independent of the class. Position: anywhere
+  fully inside the image.
+- **Pretraining set** (:func:`make_pretraining_split`): ``len(SHAPES)`` classes on
+  ``len(TEXTURES)`` texture families, each with random colours; class and background are
+  independent (like ImageNet, backgrounds are seen but never predictive).
+- **Fine-tuning task** (:func:`make_spurious_split`): classes ``FINETUNE_SHAPES`` (two of the
+  pretraining shapes) on two backgrounds, "land" (green-brown blotches) and "water" (blue
+  horizontal waves). In training, the background equals the class with probability
+  ``spurious_correlation`` (0.95 / 1.0 like WaterBirds-95% / -100%); val and test are
+  balanced (every group equally large). Groups are ``2 * class + background``.
+- **Foregrounds:** the exact object mask of every image, for the Energy Pointing Game.
+
+:func:`colour_histograms` and :func:`linear_probe_accuracy` are the leak check: a linear probe
+on per-image colour histograms predicts the class of a balanced split at chance (and the
+background almost perfectly, which shows the probe works).
+"""
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# Shapes as predicates on coordinates u (right) and v (down) in [-1, 1] of the object's box.
+SHAPES = {
+    "disk": lambda u, v: u ** 2 + v ** 2 <= 1,
+    "square": lambda u, v: (u.abs() <= 0.9) & (v.abs() <= 0.9),
+    "diamond": lambda u, v: u.abs() + v.abs() <= 1,
+    "plus": lambda u, v: ((u.abs() <= 1 / 3) & (v.abs() <= 1)) | ((v.abs() <= 1 / 3) & (u.abs() <= 1)),
+    "cross": lambda u, v: ((u - v).abs() <= 0.45) | ((u + v).abs() <= 0.45),
+    "triangle": lambda u, v: (v >= -1) & (v <= 1) & (u.abs() <= (v + 1) / 2),
+    "ring": lambda u, v: (u ** 2 + v ** 2 <= 1) & (u ** 2 + v ** 2 >= 0.36),
+    "tee": lambda u, v: (v <= -0.4) | (u.abs() <= 0.3),
+    "ell": lambda u, v: (u <= -0.4) | (v >= 0.4),
+    "half_disk": lambda u, v: (u ** 2 + v ** 2 <= 1) & (v >= 0),
+}
+SHAPE_NAMES = tuple(SHAPES)
+TEXTURES = ("blotches", "waves", "stripes", "checker", "gradient", "dots", "noise", "plain")
+FINETUNE_SHAPES = ("plus", "cross")
+BACKGROUND_NAMES = ("land", "water")
+AREA_RANGE = (0.06, 0.14)  # object area / image area, uniform, the same for every class
+MIN_IMAGE_SIZE = 32
+
+
+class EmbeddedSplit(NamedTuple):
+    images: torch.Tensor       # (N, 3, S, S) float32 in [0, 1]
+    labels: torch.Tensor       # (N,) int64 class index (into class_names)
+    backgrounds: torch.Tensor  # (N,) int64 background index (into background_names)
+    foregrounds: torch.Tensor  # (N, 1, S, S) uint8 object mask
+    class_names: tuple
+    background_names: tuple
+
+    def __len__(self):
+        return self.labels.shape[0]
+
+    @property
+    def groups(self):
+        """2 * class + background (the fine-tuning task)."""
+        return 2 * self.labels + self.backgrounds
+
+    def as_dataset(self):
+        """A :class:`aim.data.common.TensorDataset` for the training loop and evaluation."""
+        from aim.data.common import TensorDataset
+
+        if len(self.background_names) == 2:
+            group_names = [f"{c}/{b}" for c in self.class_names for b in self.background_names]
+            return TensorDataset(self.images, self.labels, self.groups, self.class_names, group_names, self.foregrounds)
+        dataset = TensorDataset(self.images, self.labels, self.labels, self.class_names, self.class_names, self.foregrounds)
+        dataset.has_groups = False  # the pretraining set: selected on accuracy, per-class accuracy reported
+        return dataset
+
+
+def _shape_fill_fraction(name, resolution=512):
+    """Fraction of its box a shape fills, to size boxes so every shape has the drawn area."""
+    c = (torch.arange(resolution, dtype=torch.float64) + 0.5) / resolution * 2 - 1
+    return SHAPES[name](c.view(1, -1), c.view(-1, 1)).double().mean().item()
+
+
+_FILL = {}
+
+
+def _fill_fraction(name):
+    if name not in _FILL:
+        _FILL[name] = _shape_fill_fraction(name)
+    return _FILL[name]
+
+
+def _check(num_images, image_size):
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+    if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an int >= {MIN_IMAGE_SIZE} for the shapes to be recognizable, got {image_size!r}")
+
+
+def _paste_objects(images, shape_names, labels, g):
+    """Draw one object per image in place; returns the (N, 1, S, S) uint8 foregrounds."""
+    n, _, s, _ = images.shape
+    area = (AREA_RANGE[0] + (AREA_RANGE[1] - AREA_RANGE[0]) * torch.rand(n, generator=g)) * s * s
+    fill = torch.tensor([_fill_fraction(shape_names[i]) for i in labels.tolist()], dtype=torch.float32)
+    side = (area / fill).sqrt().clamp(max=s - 2)  # box side in pixels (float)
+    x0 = torch.rand(n, generator=g) * (s - side)
+    y0 = torch.rand(n, generator=g) * (s - side)
+    pixel = torch.arange(s, dtype=torch.float32) + 0.5
+    u = (pixel.view(1, 1, s) - x0.view(n, 1, 1)) / side.view(n, 1, 1) * 2 - 1
+    v = (pixel.view(1, s, 1) - y0.view(n, 1, 1)) / side.view(n, 1, 1) * 2 - 1
+    inside_box = (u.abs() <= 1) & (v.abs() <= 1)
+    foreground = torch.zeros(n, s, s, dtype=torch.bool)
+    for k, name in enumerate(shape_names):
+        members = labels == k
+        if members.any():
+            foreground[members] = SHAPES[name](u[members], v[members]) & inside_box[members]
+    # Colour: random hue at random brightness, independent of the class.
+    hue = torch.rand(n, generator=g) * 2 * math.pi
+    level = 0.35 + 0.3 * torch.rand(n, 1, generator=g)
+    colour = level + 0.3 * torch.stack([torch.cos(hue), torch.cos(hue - 2.094), torch.cos(hue + 2.094)], dim=1)
+    images.copy_(torch.where(foreground.unsqueeze(1), colour.view(n, 3, 1, 1), images))
+    return foreground.unsqueeze(1).to(torch.uint8)
+
+
+def _texture(kind, n, s, g):
+    """(n, 1, s, s) pattern in [0, 1] of one texture family."""
+    ys = torch.arange(s, dtype=torch.float32).view(1, 1, s, 1) / s
+    xs = torch.arange(s, dtype=torch.float32).view(1, 1, 1, s) / s
+    phase = torch.rand(n, 1, 1, 1, generator=g) * 2 * math.pi
+    freq = 2 * math.pi * (3 + 4 * torch.rand(n, 1, 1, 1, generator=g))
+    if kind == "blotches":
+        return F.interpolate(torch.rand(n, 1, 6, 6, generator=g), size=(s, s), mode="bilinear", align_corners=False)
+    if kind == "waves":
+        return 0.5 + 0.5 * torch.sin(freq * ys + 0.15 * torch.sin(2 * math.pi * 2 * xs) + phase)
+    if kind == "stripes":
+        angle = torch.rand(n, 1, 1, 1, generator=g) * math.pi
+        return (torch.sin(freq * (xs * angle.cos() + ys * angle.sin()) + phase) > 0).float()
+    if kind == "checker":
+        cells = (2 + 5 * torch.rand(n, 1, 1, 1, generator=g)).floor()
+        return ((xs * cells).floor() + (ys * cells).floor()).remainder(2)
+    if kind == "gradient":
+        angle = torch.rand(n, 1, 1, 1, generator=g) * 2 * math.pi
+        return (0.5 + 0.5 * (xs - 0.5) * angle.cos() * 2 + 0.5 * (ys - 0.5) * angle.sin() * 2).clamp(0, 1)
+    if kind == "dots":
+        return (torch.sin(freq * xs + phase) * torch.sin(freq * ys) > 0.5).float()
+    if kind == "noise":
+        return F.interpolate(torch.rand(n, 1, s // 4, s // 4, generator=g), size=(s, s), mode="nearest")
+    if kind == "plain":
+        return torch.full((n, 1, s, s), 0.5)
+    raise ValueError(f"unknown texture {kind!r}")
+
+
+def _two_colour(pattern, low, high):
+    return low.view(-1, 3, 1, 1) + (high - low).view(-1, 3, 1, 1) * pattern
+
+
+def _random_colours(n, g):
+    return 0.1 + 0.8 * torch.rand(n, 3, generator=g)
+
+
+def _pretraining_backgrounds(kinds, s, g):
+    n = kinds.shape[0]
+    images = torch.empty(n, 3, s, s)
+    for k, kind in enumerate(TEXTURES):
+        members = torch.nonzero(kinds == k).flatten()
+        if len(members):
+            m = len(members)
+            images[members] = _two_colour(_texture(kind, m, s, g), _random_colours(m, g), _random_colours(m, g))
+    return images
+
+
+def _finetune_backgrounds(backgrounds, s, g):
+    n = backgrounds.shape[0]
+    green, brown = torch.tensor([0.25, 0.45, 0.15]), torch.tensor([0.45, 0.35, 0.2])
+    land = _two_colour(_texture("blotches", n, s, g), brown.expand(n, 3), green.expand(n, 3))
+    blue_low, blue_high = torch.tensor([0.1, 0.3, 0.6]), torch.tensor([0.2, 0.45, 0.8])
+    water = _two_colour(_texture("waves", n, s, g), blue_low.expand(n, 3), blue_high.expand(n, 3))
+    brightness = 0.85 + 0.3 * torch.rand(n, 1, 1, 1, generator=g)
+    return torch.where(backgrounds.view(n, 1, 1, 1) == 1, water, land) * brightness
+
+
+def _finish(images, g):
+    return (images + 0.03 * torch.randn(images.shape, generator=g)).clamp_(0, 1)
+
+
+def make_pretraining_split(num_images, image_size=64, seed=0):
+    """The unbiased pretraining set: class = one of ``SHAPE_NAMES``, background a random texture
+    of ``TEXTURES`` with random colours, independent of the class; classes balanced."""
+    _check(num_images, image_size)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_images) % len(SHAPE_NAMES)
+    labels = labels[torch.randperm(num_images, generator=g)]
+    textures = torch.randint(0, len(TEXTURES), (num_images,), generator=g)
+    images = _pretraining_backgrounds(textures, image_size, g)
+    foregrounds = _paste_objects(images, SHAPE_NAMES, labels, g)
+    return EmbeddedSplit(_finish(images, g), labels, textures, foregrounds, SHAPE_NAMES, TEXTURES)
+
+
+def make_spurious_split(num_images, image_size=64, spurious_correlation=0.5, seed=0, balanced=False, shapes=FINETUNE_SHAPES):
+    """The biased fine-tuning task: class = one of ``shapes`` (two names of ``SHAPE_NAMES``),
+    background land / water equal to the class with probability ``spurious_correlation``.
+    ``balanced``: every (class, background) group the same size (num_images // 4 each) -- val
+    and test -- ignoring the correlation."""
+    _check(num_images, image_size)
+    shapes = tuple(shapes)
+    if len(shapes) != 2 or len(set(shapes)) != 2 or not set(shapes) <= set(SHAPE_NAMES):
+        raise ValueError(f"shapes must be two different names of {SHAPE_NAMES}, got {shapes!r}")
+    if isinstance(spurious_correlation, bool) or not isinstance(spurious_correlation, (int, float)) \
+            or not 0 <= spurious_correlation <= 1:
+        raise ValueError(f"spurious_correlation must be a probability in [0, 1], got {spurious_correlation!r}")
+    g = torch.Generator().manual_seed(seed)
+    if balanced:
+        if num_images % 4:
+            raise ValueError(f"num_images of a balanced split must be a multiple of the 4 groups, got {num_images}")
+        groups = (torch.arange(num_images) % 4)[torch.randperm(num_images, generator=g)]
+        labels, backgrounds = groups // 2, groups % 2
+    else:
+        labels = (torch.arange(num_images) % 2)[torch.randperm(num_images, generator=g)]
+        agrees = torch.rand(num_images, generator=g) < spurious_correlation
+        backgrounds = torch.where(agrees, labels, 1 - labels)
+    images = _finetune_backgrounds(backgrounds, image_size, g)
+    foregrounds = _paste_objects(images, shapes, labels, g)
+    return EmbeddedSplit(_finish(images, g), labels, backgrounds, foregrounds, shapes, BACKGROUND_NAMES)
+
+
+def colour_histograms(images, bins=4):
+    """(N, bins**3) per-image joint RGB histograms (fractions of pixels): the image statistics a
+    class must not be predictable from."""
+    n = images.shape[0]
+    q = (images.clamp(0, 1) * bins).long().clamp_(max=bins - 1)
+    index = (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]
+    counts = torch.zeros(n, bins ** 3).scatter_add_(1, index.flatten(1), torch.ones(n, index[0].numel()))
+    return counts / index[0].numel()
+
+
+def linear_probe_accuracy(train_features, train_targets, test_features, test_targets, steps=500, weight_decay=1e-3):
+    """Held-out accuracy of a logistic-regression probe (full-batch L-BFGS on standardized
+    features): near chance means the features carry no linear information about the target."""
+    mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
+    x, xt = (train_features - mean) / std, (test_features - mean) / std
+    classes = int(max(train_targets.max(), test_targets.max())) + 1
+    probe = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe(x), train_targets) + weight_decay * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return (probe(xt).argmax(1) == test_targets).float().mean().item()

@@ -1,0 +1,227 @@
+"""AIM against its baseline under a spurious correlation, over seeds (issue 11).
+
+Embedded benchmark (default): pretrain SmallConvNet on the unbiased generated set (cached), then
+for each spurious correlation (0.95, 1.0) and seed fine-tune the baseline and AIM from it,
+select on val worst-group accuracy, and report test accuracy, worst-group accuracy, the EPG of
+GradCAM (both models) and of AIM's masks; mean +- std over seeds into JSON, CSV and a PNG bar plot.
+
+WaterBirds-layout folder: ``--data DIR --segmentations DIR [--weights PATH]`` runs the same
+comparison on it (its own val / test splits; the correlation is whatever the folder has).
+
+One experiment of the study (a variation of the recipe, recorded with its val and test numbers):
+``--experiment NAME --set backbone_lr=0 --set target=0.35 ...``, appended to
+``benchmarks/results/study_spurious_experiments.json``.
+
+    PYTHONPATH=. python benchmarks/study_spurious.py                    # the full table
+    PYTHONPATH=. python benchmarks/study_spurious.py --experiment blr0 --set backbone_lr=0 --correlations 1.0 --seeds 0
+"""
+import argparse
+import ast
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+
+from aim import study  # noqa: E402
+from aim.data.embedded import SHAPE_NAMES  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results")
+METRICS = ("accuracy", "worst_group", "epg_gradcam", "epg_mask_finest", "epg_mask_coarsest")
+
+
+def parse_overrides(items):
+    """--set key=value pairs (values as Python literals) for the fine-tuning recipe."""
+    import dataclasses
+
+    from aim.train import TrainConfig
+
+    known = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("out", "model", "weights", "seed", "threads")]
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--set {item}: expected key=value with key one of {', '.join(known)}")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
+def flat_metrics(row):
+    masks = row["epg_masks"]
+    return {"accuracy": row["accuracy"], "worst_group": row["worst_group"], "epg_gradcam": row["epg_gradcam"],
+            "epg_mask_finest": next(iter(masks.values()), None),
+            "epg_mask_coarsest": list(masks.values())[-1] if masks else None}
+
+
+def run_embedded(args, overrides, log):
+    pretrain = study.PretrainSettings(image_size=args.image_size, seed=0)
+    weights, trained, pretrain_acc = study.pretrained_backbone(pretrain, threads=args.threads, log=log)
+    log(f"pretrained backbone: {weights} ({'trained now' if trained else 'from the cache'}), "
+        f"val accuracy {pretrain_acc:.3f} over {len(SHAPE_NAMES)} shapes")
+    records = []
+    with tempfile.TemporaryDirectory(prefix="aim_study_") as tmp:
+        for correlation in args.correlations:
+            for seed in args.seeds:
+                task = study.TaskSettings(image_size=args.image_size, spurious_correlation=correlation, seed=seed,
+                                          shapes=args.shapes)
+                train, val, test = study.task_splits(task)
+                for kind in args.models:
+                    log(f"correlation {correlation}, seed {seed}, {kind}")
+                    record = study.finetune(kind, weights, train, val, test, os.path.join(tmp, kind), seed=seed,
+                                            threads=args.threads, overrides=overrides, log=lambda *a: None)
+                    record.update(correlation=correlation, data="embedded", shapes=train.class_names,
+                                  pretrain_val_accuracy=pretrain_acc)
+                    record["summary"] = study.summary_row(record)
+                    log("  " + describe(record))
+                    records.append(record)
+    return records
+
+
+def run_folder(args, overrides, log):
+    from aim.data import open_split
+    from aim.evaluate import evaluate
+    from aim.train import TrainConfig, fit, load_checkpoint, model_from_checkpoint
+
+    val = open_split(args.data, "val", args.image_size, segmentations=args.segmentations)
+    test = open_split(args.data, "test", args.image_size, segmentations=args.segmentations)
+    train = open_split(args.data, "train", args.image_size, augment=True)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="aim_study_") as tmp:
+        for seed in args.seeds:
+            for kind in args.models:
+                settings = {**study.FINETUNE_DEFAULTS, **overrides, "backbone": args.backbone}
+                out = os.path.join(tmp, f"{kind}_{seed}")
+                config = TrainConfig(out=out, model=kind, weights=args.weights, image_size=args.image_size, seed=seed,
+                                     threads=args.threads, data=args.data, segmentations=args.segmentations, **settings)
+                started = time.perf_counter()
+                fit(config, train, val, log=lambda *a: None)
+                checkpoint = load_checkpoint(os.path.join(out, "best.pt"))
+                result = evaluate(model_from_checkpoint(checkpoint), test, batch_size=settings["batch_size"])
+                record = {"kind": kind, "settings": settings, "seed": seed, "best_epoch": checkpoint["epoch"],
+                          "val": checkpoint["val"], "test": result, "time_s": time.perf_counter() - started,
+                          "correlation": None, "data": args.data}
+                record["summary"] = study.summary_row(record)
+                log("  " + describe(record))
+                records.append(record)
+    return records
+
+
+def describe(record):
+    s = record["summary"]
+    masks = " ".join(f"{k}:{v:.3f}" for k, v in s["epg_masks"].items())
+    placement = record["test"].get("mask_placement")
+    kept = ""
+    if placement:
+        kept = " kept obj/bg (conflict) " + " ".join(
+            f"{k}:{v['conflict']['object_kept']:.2f}/{v['conflict']['background_kept']:.2f}" for k, v in placement.items())
+    return (f"{record['kind']:<8} seed {record['seed']} best epoch {s['best_epoch']}: val wg {s['val_worst_group']:.3f} | "
+            f"test acc {s['accuracy']:.3f} wg {s['worst_group']:.3f} EPG gradcam {s['epg_gradcam']:.3f}"
+            + (f" masks {masks}" if masks else "") + kept + f" ({record['time_s']:.0f} s)")
+
+
+def aggregate(records):
+    """mean and std over seeds per (correlation, model) of the flat metrics."""
+    table = {}
+    for r in records:
+        table.setdefault((r["correlation"], r["kind"]), []).append(flat_metrics(r["summary"]))
+    out = []
+    for (correlation, kind), rows in table.items():
+        entry = {"correlation": correlation, "model": kind, "seeds": len(rows)}
+        for m in METRICS:
+            values = [row[m] for row in rows if row[m] is not None]
+            if values:
+                entry[f"{m}_mean"] = statistics.fmean(values)
+                entry[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(entry)
+    return out
+
+
+def write_table(summary, stem):
+    with open(f"{stem}.csv", "w", newline="") as f:
+        fields = sorted({k for row in summary for k in row}, key=lambda k: (k not in ("correlation", "model", "seeds"), k))
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(summary)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    correlations = sorted({row["correlation"] for row in summary}, key=str)
+    bars = [("baseline", "worst_group", "baseline worst-group"), ("aim", "worst_group", "AIM worst-group"),
+            ("baseline", "epg_gradcam", "baseline GradCAM EPG"), ("aim", "epg_gradcam", "AIM GradCAM EPG"),
+            ("aim", "epg_mask_finest", "AIM mask EPG (finest stage)"),
+            ("aim", "epg_mask_coarsest", "AIM mask EPG (coarsest stage)")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(bars)
+    for i, (kind, metric, label) in enumerate(bars):
+        rows = [next((r for r in summary if r["correlation"] == c and r["model"] == kind), {}) for c in correlations]
+        means = [r.get(f"{metric}_mean", 0.0) for r in rows]
+        stds = [r.get(f"{metric}_std", 0.0) for r in rows]
+        ax.bar([j + i * width for j in range(len(correlations))], means, width, yerr=stds, label=label, capsize=3)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(correlations))], [f"correlation {c}" for c in correlations])
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("test, val-selected, mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(f"{stem}.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--correlations", type=float, nargs="+", default=[0.95, 1.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--models", nargs="+", default=["baseline", "aim"], choices=["baseline", "aim"])
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--shapes", nargs=2, default=None, help="the two classes of the embedded task (default: FINETUNE_SHAPES)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning setting (a TrainConfig field; defaults: aim.study.FINETUNE_DEFAULTS)")
+    parser.add_argument("--experiment", help="record this run as one experiment of the study (appended to the experiments file)")
+    parser.add_argument("--data", metavar="DIR", help="a WaterBirds-layout folder instead of the embedded benchmark")
+    parser.add_argument("--segmentations", metavar="DIR", help="foreground masks of --data (for EPG)")
+    parser.add_argument("--weights", default="none", help="backbone weights for --data (none, DEFAULT or a file)")
+    parser.add_argument("--backbone", default="resnet50", help="backbone for --data")
+    parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/study_spurious[_<name>])")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    overrides = parse_overrides(args.set)
+
+    def log(*a):
+        print(*a, flush=True)
+
+    started = time.perf_counter()
+    records = run_folder(args, overrides, log) if args.data else run_embedded(args, overrides, log)
+    summary = aggregate(records)
+    meta = {"argv": sys.argv[1:], "overrides": overrides, "load_average": os.getloadavg(), "time_s": time.perf_counter() - started,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if args.experiment:
+        path = os.path.join(RESULTS, "study_spurious_experiments.json")
+        existing = json.load(open(path)) if os.path.isfile(path) else []
+        existing.append({"experiment": args.experiment, **meta, "summary": summary, "records": records})
+        with open(path, "w") as f:
+            json.dump(existing, f, indent=1)
+        log(f"appended experiment {args.experiment!r} to {path}")
+    else:
+        stem = args.out or os.path.join(RESULTS, "study_spurious" + ("_folder" if args.data else ""))
+        with open(f"{stem}.json", "w") as f:
+            json.dump({**meta, "summary": summary, "records": records}, f, indent=1)
+        write_table(summary, stem)
+        log(f"wrote {stem}.json, .csv, .png")
+    for row in summary:
+        log(f"{str(row['correlation']):>5} {row['model']:<8} " + " ".join(
+            f"{m} {row.get(m + '_mean', float('nan')):.3f}±{row.get(m + '_std', float('nan')):.3f}" for m in METRICS))
+
+
+if __name__ == "__main__":
+    main()
