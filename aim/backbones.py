@@ -4,6 +4,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from aim.errors import UsageError
+
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CONVNEXTS = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
 BACKBONE_NAMES = RESNETS + CONVNEXTS
@@ -143,7 +145,7 @@ def backbone_state_from(state, source):
     an ``aim train`` checkpoint of either model kind (its ``backbone.`` entries). ``source``
     names the file in errors."""
     if not isinstance(state, dict):
-        raise ValueError(f"{source}: expected a state dict or an `aim train` checkpoint, got {type(state).__name__}")
+        raise UsageError(f"{source}: expected a state dict or an `aim train` checkpoint, got {type(state).__name__}")
     if "model" in state and "config" in state:  # an `aim train` checkpoint
         prefix = "backbone."
         return {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
@@ -156,13 +158,13 @@ def load_backbone_weights(backbone, state, source):
     weights = backbone_state_from(state, source)
     expected = backbone.state_dict().keys()
     if not weights.keys() & expected:
-        raise ValueError(f"{source}: none of its {len(weights)} entries names a parameter of the backbone "
+        raise UsageError(f"{source}: none of its {len(weights)} entries names a parameter of the backbone "
                          f"(e.g. {next(iter(weights), '(empty)')!r} vs {next(iter(expected))!r}): a different architecture?")
     missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"{source}: does not fit the backbone: {len(missing)} missing (e.g. {missing[:3]}), "
+        raise UsageError(f"{source}: does not fit the backbone: {len(missing)} missing (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     try:
         backbone.load_state_dict(weights, strict=True)
     except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"{source}: does not fit the backbone: {str(error).splitlines()[-1].strip()}") from None
+        raise UsageError(f"{source}: does not fit the backbone: {str(error).splitlines()[-1].strip()}") from None

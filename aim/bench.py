@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+from aim.errors import UsageError
+
 # Columns that identify a row, in label order.
 IDENTITY = ("what", "shape", "mode", "provider", "path", "allocator", "threads")
 
@@ -21,7 +23,7 @@ def find_scripts(folder):
     folder = folder or os.path.join(os.getcwd(), "benchmarks")
     scripts = sorted(glob.glob(os.path.join(folder, "bench_*.py")))
     if not scripts:
-        raise ValueError(f"no bench_*.py in {folder}: `aim bench` runs the benchmark scripts of a repository checkout "
+        raise UsageError(f"no bench_*.py in {folder}: `aim bench` runs the benchmark scripts of a repository checkout "
                          f"(they are not installed with the package); run it from the repository root or pass --benchmarks DIR")
     return folder, scripts
 
@@ -38,7 +40,7 @@ def run_scripts(folder, scripts, quick):
         proc = subprocess.run(command, cwd=os.path.dirname(folder))
         seconds = time.perf_counter() - started
         if proc.returncode != 0:
-            raise ValueError(f"{script} failed with exit status {proc.returncode} (its output is above)")
+            raise UsageError(f"{script} failed with exit status {proc.returncode} (its output is above)")
         after = _mtimes(results_dir)
         written = sorted(p for p, t in after.items() if before.get(p) != t)
         runs.append({"script": os.path.basename(script), "seconds": seconds, "results": written})

@@ -107,7 +107,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from aim.data import DataError
+    from aim.errors import UsageError
 
     try:
         if args.command == "train":
@@ -123,7 +123,7 @@ def main(argv=None):
         else:
             from aim.profiling import command_profile as run
         run(args)
-    except (DataError, ValueError) as error:
+    except UsageError as error:
         # Bad data or settings: one line naming the file or flag, no traceback.
         print(f"aim {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from aim import metrics
+from aim.errors import UsageError
 from aim.model import AIMOutput
 
 
@@ -197,7 +198,7 @@ def command_eval(args):
     dataset = open_split(args.data, args.split, config["image_size"], segmentations=args.segmentations,
                          check_threads=max(1, args.workers))
     if dataset.class_names != checkpoint["class_names"]:
-        raise ValueError(f"{args.data}: classes {dataset.class_names[:5]} differ from the checkpoint's {checkpoint['class_names'][:5]}")
+        raise UsageError(f"{args.data}: classes {dataset.class_names[:5]} differ from the checkpoint's {checkpoint['class_names'][:5]}")
     model = model_from_checkpoint(checkpoint, args.device)
     result = evaluate(model, dataset, batch_size=args.batch_size, workers=args.workers, device=args.device,
                       with_gradcam=not args.no_gradcam)

@@ -27,6 +27,7 @@ from aim import metrics
 from aim.data import SeededSampler
 from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights
 from aim.evaluate import evaluate, logits_of, mask_stage_names, selection_metric, unwrap
+from aim.errors import UsageError
 
 CHECKPOINT_FORMAT = "aim-train-checkpoint-1"
 # A 4-stage SmallConvNet (aim.backbones) for toy data and tests, next to the torchvision names.
@@ -74,20 +75,20 @@ class TrainConfig:
 
     def check(self):
         if self.model not in ("aim", "baseline"):
-            raise ValueError(f"--model must be aim or baseline, got {self.model!r}")
+            raise UsageError(f"--model must be aim or baseline, got {self.model!r}")
         if self.backbone not in BACKBONE_NAMES + (SMALL_BACKBONE,):
-            raise ValueError(f"--backbone must be one of {', '.join(BACKBONE_NAMES + (SMALL_BACKBONE,))}, got {self.backbone!r}")
+            raise UsageError(f"--backbone must be one of {', '.join(BACKBONE_NAMES + (SMALL_BACKBONE,))}, got {self.backbone!r}")
         if self.amp not in AMP_DTYPES:
-            raise ValueError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+            raise UsageError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):
-            raise ValueError("--amp fp16 needs --device cuda (fp16 autocast with a gradient scaler); use --amp bf16 on CPU")
+            raise UsageError("--amp fp16 needs --device cuda (fp16 autocast with a gradient scaler); use --amp bf16 on CPU")
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.anneal_epochs < 0 or self.workers < 0 or self.noise_off_epochs < 0:
-            raise ValueError("--anneal-epochs, --workers and --noise-off-epochs must be >= 0")
+            raise UsageError("--anneal-epochs, --workers and --noise-off-epochs must be >= 0")
         if self.select_annealed and self.model == "aim" and self.epochs <= self.warmup_epochs + self.anneal_epochs:
-            raise ValueError(f"--select-annealed needs an epoch at the target tau: --epochs {self.epochs} must exceed "
+            raise UsageError(f"--select-annealed needs an epoch at the target tau: --epochs {self.epochs} must exceed "
                              f"--warmup-epochs + --anneal-epochs ({self.warmup_epochs + self.anneal_epochs})")
 
 
@@ -113,7 +114,7 @@ def build_run_backbone(config):
     stop the run before the data is read)."""
     if config.backbone == SMALL_BACKBONE:
         if config.weights == "DEFAULT":
-            raise ValueError(f"--weights DEFAULT: torchvision has no pretrained {SMALL_BACKBONE}; use --weights none or PATH")
+            raise UsageError(f"--weights DEFAULT: torchvision has no pretrained {SMALL_BACKBONE}; use --weights none or PATH")
         backbone = SmallConvNet()
     else:
         backbone = _torchvision_backbone(config.backbone, config.weights)
@@ -128,7 +129,7 @@ def _torchvision_backbone(name, weights):
     try:
         return build_backbone(name, weights="DEFAULT")
     except (OSError, RuntimeError) as error:  # URLError is an OSError
-        raise ValueError(f"--weights DEFAULT: could not download torchvision's pretrained {name} weights "
+        raise UsageError(f"--weights DEFAULT: could not download torchvision's pretrained {name} weights "
                          f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); offline, download them on a "
                          f"machine with network (torchvision.models.get_model({name!r}, weights='DEFAULT').state_dict(), "
                          f"torch.save) and pass --weights PATH, or train from scratch with --weights none") from None
@@ -136,20 +137,20 @@ def _torchvision_backbone(name, weights):
 
 def _load_file(path):
     if not os.path.isfile(path):
-        raise ValueError(f"--weights {path}: no such file")
+        raise UsageError(f"--weights {path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors of many kinds: the file is not a state dict
-        raise ValueError(f"--weights {path}: cannot be read by torch.load ({str(error).splitlines()[0]})") from None
+        raise UsageError(f"--weights {path}: cannot be read by torch.load ({str(error).splitlines()[0]})") from None
 
 
 def load_checkpoint(path):
     """A checkpoint written by :func:`fit` (last.pt or best.pt), as a dict."""
     checkpoint = _load_file(path) if os.path.isfile(path) else None
     if checkpoint is None:
-        raise ValueError(f"{path}: no such file")
+        raise UsageError(f"{path}: no such file")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a checkpoint written by `aim train`")
+        raise UsageError(f"{path}: not a checkpoint written by `aim train`")
     return checkpoint
 
 
@@ -310,7 +311,7 @@ def fit(config, train_set, val_set, resume=False, log=print):
 
 def _fit(config, train_set, val_set, resume, ranks, log):
     if config.batch_size % ranks.world_size:
-        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {ranks.world_size} processes")
+        raise UsageError(f"--batch-size {config.batch_size} must be divisible by the {ranks.world_size} processes")
     last_path = os.path.join(config.out, "last.pt")
     checkpoint = _resume_point(config, resume, last_path, ranks)
     device = ranks.device
@@ -320,7 +321,7 @@ def _fit(config, train_set, val_set, resume, ranks, log):
                         pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
                         generator=torch.Generator().manual_seed(config.seed))
     if len(loader) == 0:
-        raise ValueError(f"the training split has {len(train_set)} images, fewer than one batch of {config.batch_size}")
+        raise UsageError(f"the training split has {len(train_set)} images, fewer than one batch of {config.batch_size}")
     # Gumbel noise of each rank draws from its own generator.
     torch.manual_seed(config.seed + ranks.rank)
     random.seed(config.seed + ranks.rank)
@@ -416,18 +417,18 @@ def _resume_point(config, resume, last_path, ranks):
     exists = os.path.isfile(last_path)
     if not resume:
         if exists:
-            raise ValueError(f"{config.out} already holds a run ({last_path}); pass --resume to continue it or choose another --out")
+            raise UsageError(f"{config.out} already holds a run ({last_path}); pass --resume to continue it or choose another --out")
         return None
     if not exists:
-        raise ValueError(f"--resume: {last_path}: no such file")
+        raise UsageError(f"--resume: {last_path}: no such file")
     checkpoint = load_checkpoint(last_path)
     saved = checkpoint["config"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
                if k not in RESUMABLE_CHANGES and saved.get(k, getattr(TrainConfig, k)) != v]
     if changed:
-        raise ValueError(f"--resume: settings differ from the run in {config.out}: {'; '.join(changed)}")
+        raise UsageError(f"--resume: settings differ from the run in {config.out}: {'; '.join(changed)}")
     if len(checkpoint["rng"]) != ranks.world_size:
-        raise ValueError(f"--resume: {last_path} was written by {len(checkpoint['rng'])} processes, this run has {ranks.world_size}")
+        raise UsageError(f"--resume: {last_path} was written by {len(checkpoint['rng'])} processes, this run has {ranks.world_size}")
     return checkpoint
 
 
@@ -480,7 +481,7 @@ def command_train(args):
     train_set = open_split(config.data, "train", config.image_size, augment=True, check_threads=threads)
     val_set = open_split(config.data, "val", config.image_size, segmentations=config.segmentations, check_threads=threads)
     if val_set.class_names != train_set.class_names:
-        raise ValueError(f"{config.data}: the val split's classes differ from the train split's")
+        raise UsageError(f"{config.data}: the val split's classes differ from the train split's")
     if os.environ.get("RANK", "0") == "0":
         print(f"data: {config.data} ({type(train_set).__name__}), {len(train_set)} train / {len(val_set)} val images, "
               f"{train_set.num_classes} classes" + (f", {train_set.num_groups} groups" if train_set.has_groups else ""), flush=True)

@@ -1,5 +1,4 @@
 """aim.data, aim.metrics and the `aim` command line."""
-import os
 import subprocess
 import sys
 
@@ -10,9 +9,6 @@ from aim import metrics
 from aim.cli import main
 from aim.data import make_toy_split
 from test_aim_topdown import single_thread  # noqa: F401  (fixture)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_toy_split_is_deterministic_and_the_shortcut_has_the_requested_strength():
     a, b = make_toy_split(400, image_size=48, spurious_correlation=0.9, seed=3), make_toy_split(400, image_size=48, spurious_correlation=0.9, seed=3)
@@ -52,8 +48,27 @@ def test_group_accuracies():
 
 
 def test_module_entry_point_profile():
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # Outside the repository: `-m` puts the working directory first on sys.path, and from the
+    # repository root that would import the uncompiled source tree, not the installed package.
     proc = subprocess.run([sys.executable, "-m", "aim", "profile", "--backbone", "resnet18", "--image-size", "64"],
-                          capture_output=True, text=True, env=env, cwd=REPO)
+                          capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr
     assert "added" in proc.stdout and "AIM[2] on resnet18 at 64x64" in proc.stdout
+
+
+def test_user_errors_print_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    import aim.profiling
+    from aim.errors import UsageError
+
+    def fails_with(error):
+        def command(args):
+            raise error
+        return command
+
+    monkeypatch.setattr(aim.profiling, "command_profile", fails_with(UsageError("--backbone nope: unknown")))
+    assert main(["profile"]) == 2
+    assert capsys.readouterr().err == "aim profile: error: --backbone nope: unknown\n"
+    # A ValueError that is not a UsageError is a bug: it propagates, traceback and all.
+    monkeypatch.setattr(aim.profiling, "command_profile", fails_with(ValueError("not enough values to unpack")))
+    with pytest.raises(ValueError, match="not enough values"):
+        main(["profile"])

@@ -14,6 +14,7 @@ from aim.data.folders import folder_split
 from aim.data.toy import BACKGROUND_NAMES, CLASS_NAMES, ToySplit, batches, make_toy_split
 from aim.data.transforms import eval_transform, train_transform
 from aim.data.waterbirds import waterbirds_split
+from aim.errors import UsageError
 
 SPLITS = ("train", "val", "test")
 
@@ -38,7 +39,7 @@ def open_split(root, split, image_size, augment=False, segmentations=None, check
     augment: the training transform (random resized crop + flip) instead of the evaluation one.
     segmentations: folder of foreground masks for the pointing game (see the readers)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
     if segmentations is not None and not os.path.isdir(segmentations):
         raise DataError(f"{segmentations}: no such folder (--segmentations)")
     transform = train_transform(image_size) if augment else eval_transform(image_size)

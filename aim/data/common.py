@@ -1,4 +1,4 @@
-"""What every reader shares: the error for bad data, the dataset of image files, the seeded
+"""What every reader shares: the dataset of image files, the seeded
 sampler (augmentation and order a function of seed, epoch and index only), image checks."""
 from concurrent.futures import ThreadPoolExecutor
 
@@ -6,10 +6,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from aim.data.transforms import load_foreground, load_image
-
-
-class DataError(ValueError):
-    """Bad data on disk; the message names the file (and row) and is meant to be printed as is."""
+from aim.errors import DataError  # noqa: F401  (the readers raise it from here)
 
 
 class SampleDataset(Dataset):
