@@ -1,21 +1,14 @@
 """Triton launchers of topdown_merge under TRITON_INTERPRET=1 on CPU tensors, against the reference.
 
-TRITON_INTERPRET must be set before triton is first imported (triton.language's own helpers
-are decorated at import), so in a normal session this file runs itself again in a
-subprocess with TRITON_INTERPRET=1 (test_under_interpreter); the numerics tests below run
-only in that subprocess.
+It runs itself again under the interpreter (tests/interpreter.py); the numerics tests below
+run only in that subprocess.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from interpreter import needs_interpreter, not_in_subprocess, run_under_interpreter
 from merge_checks import check_backward, check_forward
 
-UNDER_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-needs_interpreter = pytest.mark.skipif(not UNDER_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 subprocess")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -33,15 +26,9 @@ SHAPES = [
 ]
 
 
-@pytest.mark.skipif(UNDER_INTERPRETER, reason="this is the subprocess")
+@not_in_subprocess
 def test_under_interpreter(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    # cwd outside the repository: `python -m pytest` puts cwd on sys.path, and from the
-    # repository root that would import the source tree instead of the installed package
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                            cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-20000:] + result.stderr[-5000:]
-    assert " passed" in result.stdout, result.stdout[-2000:]
+    run_under_interpreter(__file__, tmp_path)
 
 
 @pytest.fixture(scope="module")
