@@ -25,13 +25,12 @@ import sys
 import tempfile
 import time
 
+import torch
+
+from aim import study
+from aim.data.embedded import SHAPE_NAMES
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-
-import torch  # noqa: E402
-
-from aim import study  # noqa: E402
-from aim.data.embedded import SHAPE_NAMES  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 METRICS = ("accuracy", "worst_group", "epg_gradcam", "epg_mask_finest", "epg_mask_coarsest")

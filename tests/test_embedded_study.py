@@ -144,13 +144,16 @@ def test_study_options_of_the_model_loss_and_schedule():
 
 def test_study_script_on_a_waterbirds_layout_folder(tmp_path):
     """benchmarks/study_spurious.py --data/--segmentations: both models, test EPG of GradCAM and masks."""
+    import importlib.util
     import os
-    import sys
 
     from aim.data.toy import make_toy_split, save_waterbirds_layout
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import study_spurious
+    # Loaded from its path: benchmarks/ on sys.path would shadow tests/common.py with benchmarks/common.py.
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "study_spurious.py")
+    spec = importlib.util.spec_from_file_location("study_spurious", script)
+    study_spurious = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study_spurious)
 
     root = tmp_path / "wb"
     splits = {"train": make_toy_split(64, 32, 0.95, seed=0), "val": make_toy_split(32, 32, 0.5, seed=1),
