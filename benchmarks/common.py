@@ -145,6 +145,8 @@ def machine_info(device="cpu"):
         "aim_kernels": _package_version(),
         "git_commit": _git_commit(),
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # other work on the machine skews absolute times (ratios within a run less so)
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
     }
 
 
