@@ -26,7 +26,7 @@ import aim
 from aim import metrics
 from aim.data import SeededSampler
 from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights
-from aim.evaluate import evaluate, logits_of, mask_stage_names, selection_metric, unwrap
+from aim.evaluate import evaluate, logits_of, mask_stage_names, selection_metric
 from aim.errors import UsageError
 
 CHECKPOINT_FORMAT = "aim-train-checkpoint-1"

@@ -122,7 +122,7 @@ def main():
     rows = [r for part in common.run_under_both_allocators(__file__, sys.argv[1:]) for r in part]
     common.print_table(rows, ["allocator", "threads", "backbone", "provider", "median_ms", "share_of_AIM_dense", "x_vs_AIM_dense"])
     print("mask densities:", {r["backbone"]: r["mask_density"] for r in rows})
-    meta = dict(common.machine_info(), load_average=os.getloadavg())
+    meta = common.machine_info()
     paths = common.write_results("masked_conv2d_aim" + (f"_t{args.threads}" if args.threads else ""), rows, meta)
     print("wrote", *paths)
 

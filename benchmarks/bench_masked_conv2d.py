@@ -128,7 +128,7 @@ def main():
     print("crossover density (lowest measured density where the sparse kernel is not faster than dense):")
     for (allocator, case, layout), density in crossovers(rows).items():
         print(f"  {allocator} {case} {layout}: {density}")
-    meta = dict(common.machine_info(), load_average=os.getloadavg())
+    meta = common.machine_info()
     stem = "masked_conv2d" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
     paths = common.write_results(stem, rows, meta)
     print("wrote", *paths)

@@ -169,7 +169,7 @@ def main():
         r["keep_freed_over_default"] = (next(x["images_per_s"] for x in rows if x["what"] == r["what"] and x["allocator"] == "keep-freed-memory")
                                         / next(x["images_per_s"] for x in rows if x["what"] == r["what"] and x["allocator"] == "default-malloc"))
     common.print_table(rows, ["allocator", "what", "images_per_s", "min", "max", "fraction_of_minimal", "keep_freed_over_default"])
-    meta = {**common.machine_info(), "settings": settings(args.quick), "load_average": os.getloadavg()}
+    meta = {**common.machine_info(), "settings": settings(args.quick)}
     print("wrote", *common.write_results("train_loop" + ("_quick" if args.quick else ""), rows, meta))
 
 
