@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aim.cli import main
-from aim.data.embedded import (AREA_RANGE, FINETUNE_SHAPES, SHAPE_NAMES, TEXTURES, colour_histograms,
+from aim.data.embedded import (AREA_RANGE, FINETUNE_SHAPES, HARDER_SHAPES, SHAPE_NAMES, TEXTURES, colour_histograms,
                                linear_probe_accuracy, make_pretraining_split, make_spurious_split)
 
 
@@ -54,10 +54,11 @@ def test_generation_is_deterministic_and_foregrounds_match_the_pasted_colour():
         assert pixels.std(1).max() < 0.05
 
 
-def test_no_class_leaks_through_colour_histograms():
+@pytest.mark.parametrize("shapes", [FINETUNE_SHAPES, HARDER_SHAPES])
+def test_no_class_leaks_through_colour_histograms(shapes):
     """A linear probe on colour histograms finds the background (the probe works) but not the class."""
-    train = make_spurious_split(800, 32, seed=10, balanced=True)
-    test = make_spurious_split(800, 32, seed=11, balanced=True)
+    train = make_spurious_split(800, 32, seed=10, balanced=True, shapes=shapes)
+    test = make_spurious_split(800, 32, seed=11, balanced=True, shapes=shapes)
     h_train, h_test = colour_histograms(train.images), colour_histograms(test.images)
     assert torch.allclose(h_train.sum(1), torch.ones(800))
     class_accuracy = linear_probe_accuracy(h_train, train.labels, h_test, test.labels)

@@ -44,6 +44,8 @@ SHAPES = {
 SHAPE_NAMES = tuple(SHAPES)
 TEXTURES = ("blotches", "waves", "stripes", "checker", "gradient", "dots", "noise", "plain")
 FINETUNE_SHAPES = ("plus", "cross")
+# The study's harder task: the pair the pretrained backbone confuses most often (issue 11).
+HARDER_SHAPES = ("disk", "diamond")
 BACKGROUND_NAMES = ("land", "water")
 AREA_RANGE = (0.06, 0.14)  # object area / image area, uniform, the same for every class
 MIN_IMAGE_SIZE = 32
