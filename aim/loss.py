@@ -24,7 +24,8 @@ class AIMLoss(nn.Module):
 
     ``per_image_mask_loss``: the mask term is instead the sum over stages of the mean over images
     of (r_l,i - tau)^2, r_l,i the active fraction of image i's mask, so every image -- not only
-    the batch average -- keeps about tau of its positions (mask size then carries no class).
+    the batch average -- keeps about tau of its positions (the batch term lets mask size vary with
+    the class or background at no cost).
     """
 
     def __init__(self, mask_weight=MASK_LOSS_WEIGHT, stage_weight=1.0, per_image_mask_loss=False):
