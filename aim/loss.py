@@ -21,14 +21,20 @@ class AIMLoss(nn.Module):
     classifiers + mask_weight * ``aim_kernels.mask_loss``: the sum over stages of (r_l - tau)^2,
     r_l the fraction of active entries of stage l's masks over the batch (differentiable through
     the straight-through masks).
+
+    ``per_image_mask_loss``: the mask term is instead the sum over stages of the mean over images
+    of (r_l,i - tau)^2, r_l,i the active fraction of image i's mask, so every image -- not only
+    the batch average -- keeps about tau of its positions (the batch term lets mask size vary with
+    the class or background at no cost).
     """
 
-    def __init__(self, mask_weight=MASK_LOSS_WEIGHT, stage_weight=1.0):
+    def __init__(self, mask_weight=MASK_LOSS_WEIGHT, stage_weight=1.0, per_image_mask_loss=False):
         super().__init__()
         for name, value in (("mask_weight", mask_weight), ("stage_weight", stage_weight)):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         self.mask_weight, self.stage_weight = float(mask_weight), float(stage_weight)
+        self.per_image_mask_loss = bool(per_image_mask_loss)
 
     def forward(self, output, labels, tau):
         """output: an :class:`aim.AIMOutput`; labels: (N,) class indices; tau: the current target
@@ -37,8 +43,18 @@ class AIMLoss(nn.Module):
         classification = F.cross_entropy(output.logits, labels)
         for stage_logits in output.stage_logits.values():
             classification = classification + self.stage_weight * F.cross_entropy(stage_logits, labels)
-        mask = mask_loss(list(output.masks.values()), tau)
+        masks = list(output.masks.values())
+        mask = per_image_mask_loss(masks, tau) if self.per_image_mask_loss else mask_loss(masks, tau)
         return AIMLossParts(classification + self.mask_weight * mask, classification, mask)
+
+
+def per_image_mask_loss(masks, tau):
+    """sum over stages l of mean over images i of (r_l,i - tau_l)^2, r_l,i the active fraction of
+    image i's (N, 1, H, W) mask; tau one number for every stage or one per stage."""
+    taus = list(tau) if isinstance(tau, (list, tuple)) else [tau] * len(masks)
+    if len(taus) != len(masks):
+        raise ValueError(f"tau has {len(taus)} entries but there are {len(masks)} mask stages")
+    return sum(((m.flatten(1).float().mean(dim=1) - t) ** 2).mean() for m, t in zip(masks, taus))
 
 
 class MaskAnnealing:

@@ -40,11 +40,13 @@ class AIM(nn.Module):
             exact up to rounding); ``self.topdown`` on its own computes T_l only where the mask is
             active (masked_conv2d). Same masks as the dense path, bit for bit.
         initial_mask_logit: initial bias of the mask estimators' logits.
+        mask_topdown_context: the finer mask estimators also read the upsampled coarser fused
+            map (``FusedTopDownMask``'s option of that name).
     """
 
     def __init__(self, backbone, num_classes, depth=2, target=0.25, out_channels=256, mask_hidden_channels=128,
                  temperature=1.0, weights=None, stage_channels=None, use_reference=False, sparse_eval=True,
-                 initial_mask_logit=INITIAL_MASK_LOGIT):
+                 initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=False):
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, weights=weights)
@@ -58,7 +60,8 @@ class AIM(nn.Module):
         channels = list(stage_channels) if stage_channels is not None else probe_stage_channels(backbone)
         self.topdown = FusedTopDownMask(channels, out_channels, depth=depth, temperature=temperature, target=target,
                                         mask_hidden_channels=mask_hidden_channels, use_reference=use_reference,
-                                        sparse_eval=sparse_eval, initial_mask_logit=initial_mask_logit)
+                                        sparse_eval=sparse_eval, initial_mask_logit=initial_mask_logit,
+                                        mask_topdown_context=mask_topdown_context)
         # One classifier per top-down stage (on O_l), finest first like the stage dicts.
         self.stage_classifiers = nn.ModuleList([nn.Linear(out_channels, num_classes) for _ in range(self.topdown.depth)])
         self.classifier = nn.Linear(out_channels, num_classes)

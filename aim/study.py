@@ -44,6 +44,7 @@ class TaskSettings:
     test_size: int = 800   # balanced
     seed: int = 0          # data seed (each split derives its own)
     shapes: tuple = None   # the two classes (None: aim.data.embedded.FINETUNE_SHAPES)
+    area_range: tuple = None  # object area / image area (None: aim.data.embedded.AREA_RANGE)
 
 
 def cache_dir():
@@ -81,12 +82,13 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
 
 def task_splits(settings):
     """(train, val, test) :class:`aim.data.embedded.EmbeddedSplit` of the biased task."""
-    from aim.data.embedded import FINETUNE_SHAPES, make_spurious_split
+    from aim.data.embedded import AREA_RANGE, FINETUNE_SHAPES, make_spurious_split
 
-    base, shapes = settings.seed * 1000, settings.shapes or FINETUNE_SHAPES
-    train = make_spurious_split(settings.train_size, settings.image_size, settings.spurious_correlation, seed=base + 11, shapes=shapes)
-    val = make_spurious_split(settings.val_size, settings.image_size, seed=base + 12, balanced=True, shapes=shapes)
-    test = make_spurious_split(settings.test_size, settings.image_size, seed=base + 13, balanced=True, shapes=shapes)
+    base = settings.seed * 1000
+    objects = dict(shapes=settings.shapes or FINETUNE_SHAPES, area_range=settings.area_range or AREA_RANGE)
+    train = make_spurious_split(settings.train_size, settings.image_size, settings.spurious_correlation, seed=base + 11, **objects)
+    val = make_spurious_split(settings.val_size, settings.image_size, seed=base + 12, balanced=True, **objects)
+    test = make_spurious_split(settings.test_size, settings.image_size, seed=base + 13, balanced=True, **objects)
     return train, val, test
 
 

@@ -3,6 +3,7 @@
 Per top-down stage l (coarsest first), as in shared/DESIGN.md:
 
     A_l = M_l(S_l)                   mask estimator -> one logit channel
+                                     (M_l([S_l, up(F_l+1)]) with mask_topdown_context)
     B_l = gumbel_binarize(A_l)       {0,1}, straight-through gradient
     F_l = T_l(S_l) * B_l + up(F_l+1) topdown_merge (one fused op)
 """
@@ -110,6 +111,10 @@ class FusedTopDownMask(nn.Module):
             path's, the features equal within rounding. Train mode is unaffected.
         initial_mask_logit: initial bias of every mask estimator's logit (sigmoid of it: the
             expected active fraction at initialization).
+        mask_topdown_context: every mask estimator below the coarsest stage reads S_l concatenated
+            (channels) with the nearest-upsampled F_l+1, so the coarser stages' decisions guide
+            the finer masks; False: M_l reads S_l alone (the paper's pathway). The masks then
+            need the feature maps, so ``pooled_outputs`` runs the pathway rather than skip them.
 
     Train mode samples Gumbel masks; eval mode thresholds the logits at 0. The masks of the last
     forward are kept (detached) in ``last_masks``; ``forward(x, return_masks=True)`` returns
@@ -118,7 +123,7 @@ class FusedTopDownMask(nn.Module):
 
     def __init__(self, in_channels_list, out_channels, depth=None, temperature=1.0, target=0.25,
                  mask_hidden_channels=128, use_reference=False, sparse_eval=True,
-                 initial_mask_logit=INITIAL_MASK_LOGIT):
+                 initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=False):
         super().__init__()
         in_channels_list = list(in_channels_list)
         if not in_channels_list or not all(isinstance(c, int) and c > 0 for c in in_channels_list):
@@ -141,11 +146,14 @@ class FusedTopDownMask(nn.Module):
         self.target = float(target)
         self.use_reference = bool(use_reference)
         self.sparse_eval = bool(sparse_eval)
+        self.mask_topdown_context = bool(mask_topdown_context)
         run_channels = in_channels_list[num_stages - depth:]
         # Index i of these lists is the i-th stage the pathway runs through, finest first.
         self.lateral = nn.ModuleList([nn.Conv2d(c, out_channels, 1) for c in run_channels])
-        self.mask_estimators = nn.ModuleList([MaskEstimator(c, mask_hidden_channels, initial_logit=initial_mask_logit)
-                                              for c in run_channels])
+        # The coarsest stage has no F_l+1: its estimator reads S_l alone either way.
+        context_channels = [out_channels if self.mask_topdown_context and i < depth - 1 else 0 for i in range(depth)]
+        self.mask_estimators = nn.ModuleList([MaskEstimator(c + extra, mask_hidden_channels, initial_logit=initial_mask_logit)
+                                              for c, extra in zip(run_channels, context_channels)])
         self.last_masks = None
         # False: train mode thresholds the logits without Gumbel noise (straight-through gradient
         # kept), e.g. for the last epochs of training as DynConv does.
@@ -154,7 +162,7 @@ class FusedTopDownMask(nn.Module):
     def extra_repr(self):
         return (f"in_channels_list={self.in_channels_list}, out_channels={self.out_channels}, depth={self.depth}, "
                 f"temperature={self.temperature}, target={self.target}, use_reference={self.use_reference}, "
-                f"sparse_eval={self.sparse_eval}")
+                f"sparse_eval={self.sparse_eval}, mask_topdown_context={self.mask_topdown_context}")
 
     def forward(self, x, return_masks=False):
         result = self.run(x)
@@ -180,7 +188,8 @@ class FusedTopDownMask(nn.Module):
         prev = None
         for i in reversed(range(self.depth)):
             stage = x[run_names[i]]
-            mask = binarize(self.mask_estimators[i](stage), self.temperature, training=self.training and self.gumbel_noise)
+            mask = binarize(self.mask_estimators[i](self._mask_input(stage, prev)), self.temperature,
+                            training=self.training and self.gumbel_noise)
             if sparse:  # T_l only where the mask is active, fused with the merge
                 prev = masked_conv(stage, self.lateral[i].weight, self.lateral[i].bias, mask, prev)
             else:
@@ -210,6 +219,9 @@ class FusedTopDownMask(nn.Module):
         weighted spatial sum commutes with the 1x1 conv T_l: W (sum_p g(p) B(p) S(p)) + b sum_p g(p) B(p).
         So per stage only the masked, weighted sum of S_l is computed (one batched matmul).
         """
+        if self.mask_topdown_context:  # the masks read F_l+1: the feature maps are needed anyway
+            result = self.run(x, pool_stage_outputs=True)
+            return result.masks, result.pooled_stage_outputs, next(iter(result.features.values())).mean(dim=(2, 3))
         names = self._check_input(x)
         binarize = reference_gumbel_binarize if self.use_reference else aim_kernels.gumbel_binarize
         run_names = names[len(names) - self.depth:]
@@ -226,6 +238,12 @@ class FusedTopDownMask(nn.Module):
             weights = mask * (footprint / (final_size[0] * final_size[1]))
             pooled_final = pooled_final + _pooled_lateral(self.lateral[i], stage, weights)
         return _ordered(masks, run_names), _ordered(pooled, run_names), pooled_final
+
+    def _mask_input(self, stage, prev):
+        """What M_l reads: S_l, or with mask_topdown_context S_l and up(F_l+1) (the merge's upsampling)."""
+        if not self.mask_topdown_context or prev is None:
+            return stage
+        return torch.cat([stage, torch.nn.functional.interpolate(prev, size=stage.shape[-2:], mode="nearest")], dim=1)
 
     def _check_input(self, x):
         if not isinstance(x, dict):

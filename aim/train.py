@@ -72,6 +72,8 @@ class TrainConfig:
     warmup_epochs: int = 0          # epochs at tau = 1 (masks fully on) before the annealing starts
     select_annealed: bool = False   # AIM: best.pt only among epochs trained at the target tau
     noise_off_epochs: int = 0       # AIM: the last N epochs train without Gumbel noise (masks thresholded)
+    mask_topdown_context: bool = False  # AIM: finer mask estimators also read the upsampled coarser fused map
+    per_image_mask_loss: bool = False   # AIM: mask loss on each image's active fraction, not the batch's
 
     def check(self):
         if self.model not in ("aim", "baseline"):
@@ -106,7 +108,7 @@ def build_model(config, num_classes):
     return aim.AIM(backbone, num_classes=num_classes, depth=config.depth, target=config.target,
                    out_channels=config.topdown_channels, mask_hidden_channels=config.mask_channels,
                    temperature=config.temperature, use_reference=config.use_reference,
-                   initial_mask_logit=config.initial_mask_logit)
+                   initial_mask_logit=config.initial_mask_logit, mask_topdown_context=config.mask_topdown_context)
 
 
 def build_run_backbone(config):
@@ -332,7 +334,7 @@ def _fit(config, train_set, val_set, resume, ranks, log):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
     schedule = aim.MaskAnnealing(config.target, config.anneal_epochs, warmup_epochs=config.warmup_epochs)
-    criterion = aim.AIMLoss(stage_weight=config.stage_loss_weight)
+    criterion = aim.AIMLoss(stage_weight=config.stage_loss_weight, per_image_mask_loss=config.per_image_mask_loss)
     history, best, start_epoch = [], None, 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])

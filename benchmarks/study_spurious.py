@@ -72,7 +72,7 @@ def run_embedded(args, overrides, log):
         for correlation in args.correlations:
             for seed in args.seeds:
                 task = study.TaskSettings(image_size=args.image_size, spurious_correlation=correlation, seed=seed,
-                                          shapes=args.shapes)
+                                          shapes=args.shapes, area_range=args.area_range)
                 train, val, test = study.task_splits(task)
                 for kind in args.models:
                     log(f"correlation {correlation}, seed {seed}, {kind}")
@@ -184,6 +184,8 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=["baseline", "aim"], choices=["baseline", "aim"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--shapes", nargs=2, default=None, help="the two classes of the embedded task (default: FINETUNE_SHAPES)")
+    parser.add_argument("--area-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="object area / image area of the embedded task (default: aim.data.embedded.AREA_RANGE)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning setting (a TrainConfig field; defaults: aim.study.FINETUNE_DEFAULTS)")
     parser.add_argument("--experiment", help="record this run as one experiment of the study (appended to the experiments file)")

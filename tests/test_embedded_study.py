@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from aim.cli import main
-from aim.data.embedded import (AREA_RANGE, FINETUNE_SHAPES, SHAPE_NAMES, TEXTURES, colour_histograms,
-                               linear_probe_accuracy, make_pretraining_split, make_spurious_split)
+from aim.data.embedded import (AREA_RANGE, FINETUNE_SHAPES, HARDER_SHAPES, SHAPE_NAMES, SMALL_AREA_RANGE, TEXTURES,
+                               colour_histograms, linear_probe_accuracy, make_pretraining_split, make_spurious_split)
 
 
 def binomial_margin(p, n, sigmas=4.0):
@@ -54,10 +54,14 @@ def test_generation_is_deterministic_and_foregrounds_match_the_pasted_colour():
         assert pixels.std(1).max() < 0.05
 
 
-def test_no_class_leaks_through_colour_histograms():
+@pytest.mark.parametrize("shapes, area_range", [(FINETUNE_SHAPES, AREA_RANGE), (HARDER_SHAPES, AREA_RANGE),
+                                               (FINETUNE_SHAPES, SMALL_AREA_RANGE)])
+def test_no_class_leaks_through_colour_histograms(shapes, area_range):
     """A linear probe on colour histograms finds the background (the probe works) but not the class."""
-    train = make_spurious_split(800, 32, seed=10, balanced=True)
-    test = make_spurious_split(800, 32, seed=11, balanced=True)
+    train = make_spurious_split(800, 32, seed=10, balanced=True, shapes=shapes, area_range=area_range)
+    test = make_spurious_split(800, 32, seed=11, balanced=True, shapes=shapes, area_range=area_range)
+    # The objects follow area_range (single images deviate by pixel rounding of the outline; the mean does not).
+    assert area_range[0] < float(train.foregrounds.float().mean()) < area_range[1]
     h_train, h_test = colour_histograms(train.images), colour_histograms(test.images)
     assert torch.allclose(h_train.sum(1), torch.ones(800))
     class_accuracy = linear_probe_accuracy(h_train, train.labels, h_test, test.labels)
@@ -74,6 +78,8 @@ def test_bad_arguments_are_value_errors():
         make_spurious_split(10, 32, balanced=True)
     with pytest.raises(ValueError, match="shapes"):
         make_spurious_split(8, 32, shapes=("disk", "disk"))
+    with pytest.raises(ValueError, match="area_range"):
+        make_spurious_split(8, 32, area_range=(0.1, 0.05))
     with pytest.raises(ValueError, match="num_images"):
         make_pretraining_split(0, 32)
 

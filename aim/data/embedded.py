@@ -44,6 +44,9 @@ SHAPES = {
 SHAPE_NAMES = tuple(SHAPES)
 TEXTURES = ("blotches", "waves", "stripes", "checker", "gradient", "dots", "noise", "plain")
 FINETUNE_SHAPES = ("plus", "cross")
+# The study's harder task: the pair the pretrained backbone confuses most often (issue 11).
+HARDER_SHAPES = ("disk", "diamond")
+SMALL_AREA_RANGE = (0.02, 0.05)  # the study's harder task: smaller objects, the background's area grows
 BACKGROUND_NAMES = ("land", "water")
 AREA_RANGE = (0.06, 0.14)  # object area / image area, uniform, the same for every class
 MIN_IMAGE_SIZE = 32
@@ -99,10 +102,10 @@ def _check(num_images, image_size):
         raise ValueError(f"image_size must be an int >= {MIN_IMAGE_SIZE} for the shapes to be recognizable, got {image_size!r}")
 
 
-def _paste_objects(images, shape_names, labels, g):
+def _paste_objects(images, shape_names, labels, g, area_range=AREA_RANGE):
     """Draw one object per image in place; returns the (N, 1, S, S) uint8 foregrounds."""
     n, _, s, _ = images.shape
-    area = (AREA_RANGE[0] + (AREA_RANGE[1] - AREA_RANGE[0]) * torch.rand(n, generator=g)) * s * s
+    area = (area_range[0] + (area_range[1] - area_range[0]) * torch.rand(n, generator=g)) * s * s
     fill = torch.tensor([_fill_fraction(shape_names[i]) for i in labels.tolist()], dtype=torch.float32)
     side = (area / fill).sqrt().clamp(max=s - 2)  # box side in pixels (float)
     x0 = torch.rand(n, generator=g) * (s - side)
@@ -198,12 +201,17 @@ def make_pretraining_split(num_images, image_size=64, seed=0):
     return EmbeddedSplit(_finish(images, g), labels, textures, foregrounds, SHAPE_NAMES, TEXTURES)
 
 
-def make_spurious_split(num_images, image_size=64, spurious_correlation=0.5, seed=0, balanced=False, shapes=FINETUNE_SHAPES):
+def make_spurious_split(num_images, image_size=64, spurious_correlation=0.5, seed=0, balanced=False, shapes=FINETUNE_SHAPES,
+                        area_range=AREA_RANGE):
     """The biased fine-tuning task: class = one of ``shapes`` (two names of ``SHAPE_NAMES``),
     background land / water equal to the class with probability ``spurious_correlation``.
     ``balanced``: every (class, background) group the same size (num_images // 4 each) -- val
-    and test -- ignoring the correlation."""
+    and test -- ignoring the correlation. ``area_range``: (low, high) object area / image area,
+    uniform, the same for both classes (smaller objects: less shape signal against the background)."""
     _check(num_images, image_size)
+    area_range = tuple(area_range)
+    if len(area_range) != 2 or not 0 < area_range[0] <= area_range[1] <= 0.5:
+        raise ValueError(f"area_range must be (low, high) with 0 < low <= high <= 0.5, got {area_range!r}")
     shapes = tuple(shapes)
     if len(shapes) != 2 or len(set(shapes)) != 2 or not set(shapes) <= set(SHAPE_NAMES):
         raise ValueError(f"shapes must be two different names of {SHAPE_NAMES}, got {shapes!r}")
@@ -221,7 +229,7 @@ def make_spurious_split(num_images, image_size=64, spurious_correlation=0.5, see
         agrees = torch.rand(num_images, generator=g) < spurious_correlation
         backgrounds = torch.where(agrees, labels, 1 - labels)
     images = _finetune_backgrounds(backgrounds, image_size, g)
-    foregrounds = _paste_objects(images, shapes, labels, g)
+    foregrounds = _paste_objects(images, shapes, labels, g, area_range)
     return EmbeddedSplit(_finish(images, g), labels, backgrounds, foregrounds, shapes, BACKGROUND_NAMES)
 
 

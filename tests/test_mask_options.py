@@ -1,0 +1,92 @@
+"""The study options of AIM's masks (issue 11): mask_topdown_context and per_image_mask_loss."""
+from collections import OrderedDict
+
+import pytest
+import torch
+
+import aim
+from aim.backbones import SmallConvNet
+from aim.loss import per_image_mask_loss
+from aim.train import TrainConfig, build_model
+from aim_kernels import mask_loss
+
+STAGE_CHANNELS = [4, 6, 8]
+
+
+def stages(requires_grad=False):
+    sizes = (9, 5, 3)  # odd sizes: the nearest upsampling is not a plain factor of 2
+    return OrderedDict((f"s{i}", torch.randn(2, c, s, s, requires_grad=requires_grad))
+                       for i, (c, s) in enumerate(zip(STAGE_CHANNELS, sizes)))
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_finer_masks_read_the_coarser_fused_map_only_with_the_option(context):
+    torch.manual_seed(0)
+    topdown = aim.FusedTopDownMask(STAGE_CHANNELS, 5, depth=3, mask_hidden_channels=4, initial_mask_logit=0.0,
+                                   mask_topdown_context=context)
+    extra = [5 if context else 0] * 2 + [0]  # the coarsest stage has no F_l+1
+    assert [e.stem[0].in_channels for e in topdown.mask_estimators] == [c + x for c, x in zip(STAGE_CHANNELS, extra)]
+    x = stages(requires_grad=True)
+    masks = topdown.train().run(x).masks
+    masks["s0"].sum().backward()  # the finest mask, through the straight-through gradient
+    coarse_grad = x["s2"].grad
+    reached = coarse_grad is not None and bool(coarse_grad.abs().sum() > 0)
+    assert reached == context  # S_2 reaches B_0 through F_1 -> M_0 only with the option
+
+
+def test_default_pathway_is_unchanged_by_the_option_default():
+    torch.manual_seed(0)
+    default = aim.FusedTopDownMask(STAGE_CHANNELS, 5, mask_hidden_channels=4).eval()
+    explicit = aim.FusedTopDownMask(STAGE_CHANNELS, 5, mask_hidden_channels=4, mask_topdown_context=False).eval()
+    explicit.load_state_dict(default.state_dict(), strict=True)
+    x = stages()
+    with torch.no_grad():
+        for a, b in zip(default(x).values(), explicit(x).values()):
+            assert torch.equal(a, b)
+
+
+def test_sparse_eval_logits_equal_the_dense_path_with_topdown_context():
+    torch.manual_seed(0)
+    model = aim.AIM(SmallConvNet(), num_classes=3, out_channels=8, mask_hidden_channels=8, initial_mask_logit=0.0,
+                    mask_topdown_context=True).eval()
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        sparse = model(images)
+        model.topdown.sparse_eval = False
+        dense = model(images)
+    for name in dense.masks:
+        assert torch.equal(sparse.masks[name], dense.masks[name])
+    torch.testing.assert_close(sparse.logits, dense.logits)
+
+
+def test_per_image_mask_loss_penalizes_each_images_fraction():
+    # Image 0 all on, image 1 all off: the batch fraction is tau, each image is 0.5 off it.
+    mask = torch.cat([torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)])
+    assert float(mask_loss([mask], 0.5)) == 0.0
+    assert float(per_image_mask_loss([mask], 0.5)) == pytest.approx(0.25)
+    assert float(per_image_mask_loss([mask, mask[:, :, :2]], [0.5, 1.0])) == pytest.approx(0.25 + 0.5 * (0 + 1))
+    mask.requires_grad_()
+    per_image_mask_loss([mask], 0.5).backward()
+    # d/dm of mean_i (r_i - tau)^2 = 2 (r_i - tau) / (N * H * W)
+    assert torch.allclose(mask.grad[0], torch.full((1, 4, 4), 2 * 0.5 / 32))
+    assert torch.allclose(mask.grad[1], torch.full((1, 4, 4), -2 * 0.5 / 32))
+    same = torch.ones(3, 1, 4, 4)  # equal fractions: the two losses agree
+    assert float(per_image_mask_loss([same], 0.25)) == pytest.approx(float(mask_loss([same], 0.25)))
+    with pytest.raises(ValueError, match="tau"):
+        per_image_mask_loss([mask], [0.5, 0.5])
+
+
+def test_aim_loss_uses_the_per_image_term_only_when_asked():
+    torch.manual_seed(0)
+    model = aim.AIM(SmallConvNet(), num_classes=2, out_channels=8, mask_hidden_channels=8, initial_mask_logit=0.0)
+    out = model.train()(torch.rand(4, 3, 32, 32))
+    labels = torch.tensor([0, 1, 0, 1])
+    masks = list(out.masks.values())
+    assert torch.allclose(aim.AIMLoss()(out, labels, 0.3).mask, mask_loss(masks, 0.3))
+    assert torch.allclose(aim.AIMLoss(per_image_mask_loss=True)(out, labels, 0.3).mask, per_image_mask_loss(masks, 0.3))
+
+
+def test_train_config_plumbs_the_topdown_context():
+    config = TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8, mask_topdown_context=True)
+    assert build_model(config, 2).topdown.mask_topdown_context
+    assert not build_model(TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8), 2).topdown.mask_topdown_context
