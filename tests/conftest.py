@@ -19,6 +19,17 @@ def pytest_report_header(config):
 
 
 @pytest.fixture
+def restore_cuda_backend():
+    """For a test that switches aim_kernels.set_cuda_backend itself: the choice is put back after it."""
+    import aim_kernels
+
+    before = aim_kernels.get_cuda_backend()
+    yield
+    if before is not None:
+        aim_kernels.set_cuda_backend(before)
+
+
+@pytest.fixture
 def device(request):
     """"cpu" or "cuda", with the CUDA backend a tests/common.py parameter names selected
     for the duration of the test."""

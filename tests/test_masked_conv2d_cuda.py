@@ -27,14 +27,6 @@ def test_cuda_kernel_registered_when_built():
     assert any("csrc/cuda/masked_conv2d.cu" in line for line in entries), entries
 
 
-@pytest.fixture
-def restore_cuda_backend():
-    before = aim_kernels.get_cuda_backend()
-    yield
-    if before is not None:
-        aim_kernels.set_cuda_backend(before)
-
-
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

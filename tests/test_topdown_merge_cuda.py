@@ -39,14 +39,6 @@ def active_cuda_entry(op):
     return active[0] if active else None
 
 
-@pytest.fixture
-def restore_cuda_backend():
-    before = aim_kernels.get_cuda_backend()
-    yield
-    if before is not None:
-        aim_kernels.set_cuda_backend(before)
-
-
 def test_cuda_kernels_built_when_expected():
     if os.environ.get("AIM_KERNELS_EXPECT_CUDA") == "1":
         assert _extension.EXT_LOADED, f"aim_kernels._C did not load: {_extension.EXT_ERROR}"
