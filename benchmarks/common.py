@@ -51,6 +51,24 @@ def time_interleaved(fns, rounds=15, warmup=2):
 BANDWIDTH_NUMEL = 16 * 256 * 56 * 56  # 51 MB per float32 tensor: far larger than the caches
 
 
+def gpu_times(fn, rep_ms=100, profiled_calls=20):
+    """Two timings (ms) of a zero-argument callable on the current CUDA device:
+    - p20/median/p80 wall time of one call followed by a synchronize (triton do_bench): what a
+      caller waits for, host-side launch overhead and host syncs included;
+    - gpu_ms, the summed duration of the call's kernels, copies and memsets (torch.profiler,
+      CUPTI timestamps, mean over profiled_calls calls): device time alone."""
+    import triton.testing
+    from torch.profiler import ProfilerActivity, profile
+    p20, median, p80 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.2, 0.5, 0.8])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(profiled_calls):
+            fn()
+        torch.cuda.synchronize()
+    device_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return {"p20_ms": p20, "median_ms": median, "p80_ms": p80, "gpu_ms": device_us / profiled_calls / 1e3}
+
+
 def bandwidth_probe(numel=BANDWIDTH_NUMEL):
     """A callable for time_interleaved: torch.add(a, b, out=c) on float32, preallocated output,
     and the bytes it moves (read a and b, write c). Its GB/s is this machine's achievable

@@ -1,7 +1,9 @@
 """topdown_merge on a GPU: both CUDA backends (C++ "cuda" and "triton") and eager PyTorch,
-forward and forward+backward, timed with triton.testing.do_bench in the same run; GB/s of
-the bytes each kernel must move, and that as a fraction of the device's peak DRAM bandwidth
-(from its memory clock and bus width).
+and torch.compile of it, forward and forward+backward, in the same run. Two timings each
+(common.gpu_times): wall time per call with a synchronize (launch overhead included: what an
+eager caller waits for) and gpu_ms, the summed kernel time from the profiler (device time alone).
+GB/s of the bytes each kernel must move, from gpu_ms, and that as a fraction of the device's
+peak DRAM bandwidth (from its memory clock and bus width).
 
     PYTHONPATH=. python benchmarks/gpu_topdown_merge.py [--quick]
 
@@ -43,8 +45,6 @@ def main():
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
         return 0
-    import triton.testing
-
     import aim_kernels
     from aim_kernels import _cuda_backend, reference
 
@@ -56,7 +56,9 @@ def main():
             mask = torch.rand(n, 1, h, w, device="cuda", dtype=dtype, requires_grad=True)
             prev = torch.randn(n, c, hp, wp, device="cuda", dtype=dtype, requires_grad=True)
             grad = torch.randn(n, c, h, w, device="cuda", dtype=dtype)
-            providers = {"eager": reference.topdown_merge}
+            torch._dynamo.reset()  # a fresh compile per shape: recompiles would hit dynamo's limit
+            providers = {"eager": reference.topdown_merge,
+                         "torch.compile": torch.compile(reference.topdown_merge, dynamic=False)}
             for backend in _cuda_backend.CHOICES:
                 if _cuda_backend.unavailable_reason(backend) is None:
                     providers[backend] = backend
@@ -71,17 +73,22 @@ def main():
                         run = lambda: fn(feat.detach(), mask.detach(), prev.detach())  # noqa: E731
                     else:
                         run = lambda: torch.autograd.grad(fn(feat, mask, prev), (feat, mask, prev), grad)  # noqa: E731
-                    p20, median, p80 = triton.testing.do_bench(run, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
-                    gbs = bytes_moved(n, c, h, w, hp, wp, feat.element_size(), mode != "forward") / median / 1e6
+                    times = common.gpu_times(run)
+                    gbs = bytes_moved(n, c, h, w, hp, wp, feat.element_size(), mode != "forward") / times["gpu_ms"] / 1e6
                     rows.append(dict(allocator="cuda-caching", dtype=str(dtype), shape=f"{n}x{c}x{h}x{w}<-{hp}x{wp}",
-                                     mode=mode, provider=name, median_ms=median, p20_ms=p20, p80_ms=p80,
+                                     mode=mode, provider=name, **times,
                                      peak_MB=common.peak_memory_mb({0: run}, "cuda")[0],
                                      **{"GB/s": gbs, "frac_of_peak_bw": gbs / peak}))
     # speedups per dtype: add_speedups keys on (allocator, shape, mode), so fold the dtype into the shape
     for r in rows:
         r["shape"] = f"{r['shape']} {r.pop('dtype')}"
-    common.add_speedups(rows, baselines=(("x_vs_eager", "eager"),))
-    common.print_table(rows, ["shape", "mode", "provider", "median_ms", "peak_MB", "GB/s", "frac_of_peak_bw", "x_vs_eager"])
+    common.add_speedups(rows)
+    by_key = {(r["shape"], r["mode"], r["provider"]): r for r in rows}
+    for r in rows:
+        r["gpu_x_vs_eager"] = by_key[(r["shape"], r["mode"], "eager")]["gpu_ms"] / r["gpu_ms"]
+        r["gpu_x_vs_compile"] = by_key[(r["shape"], r["mode"], "torch.compile")]["gpu_ms"] / r["gpu_ms"]
+    common.print_table(rows, ["shape", "mode", "provider", "median_ms", "gpu_ms", "peak_MB", "GB/s", "frac_of_peak_bw",
+                              "x_vs_eager", "x_vs_compile", "gpu_x_vs_eager", "gpu_x_vs_compile"])
     print(f"peak DRAM bandwidth from the memory clock and bus width: {peak:.0f} GB/s")
     paths = common.write_results("gpu_topdown_merge" + ("_quick" if args.quick else ""), rows, common.machine_info("cuda"))
     print("wrote", *paths)

@@ -6,9 +6,13 @@
 // of VEC and every pointer is 16-byte aligned, so a pack never straddles a plane or pixel.
 //
 // Backward: one thread (NCHW) or one group of lanes (channels_last) owns a source pixel of
-// prev and every output pixel in its footprint, across all channels. grad_prev is then a
+// prev and every output pixel in its footprint, across its channels. grad_prev is then a
 // register sum over the footprint (gather: no atomics, fixed order), and a broadcast mask's
 // grad_mask is summed over channels in registers in the same pass that writes grad_feat.
+// NCHW splits the channels into chunks (blockIdx.y) when there are too few source pixels to
+// fill the GPU (an H100 ran 16x256x28x28 <- 14x14 at 0.13 of peak bandwidth with one thread
+// per pixel looping over all 256 channels: 3136 threads); a broadcast mask's per-chunk sums
+// then go to a float workspace that a second kernel adds up in chunk order (deterministic).
 // Footprints longer than kMaxFootprint along an axis (ratios above 4) take two passes:
 // grad_feat/grad_mask per output pixel, then a gather of grad_prev that reads grad_out again.
 //
@@ -138,9 +142,12 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nchw_kernel(const T* 
                                                                        const T* __restrict__ mask,
                                                                        T* __restrict__ grad_feat,
                                                                        T* __restrict__ grad_mask,
-                                                                       T* __restrict__ grad_prev, Dims d) {
+                                                                       T* __restrict__ grad_prev, Dims d,
+                                                                       at::opmath_type<T>* __restrict__ mask_partial) {
   using acc_t = at::opmath_type<T>;
   const I C = d.C, HW = d.H * d.W, hs = d.hs, ws = d.ws;
+  const I chunk = (C + I(gridDim.y) - 1) / I(gridDim.y);  // as the launcher splits the channels
+  const I c_begin = I(blockIdx.y) * chunk, c_end = c_begin + chunk < C ? c_begin + chunk : C;
   const int64_t sources = d.N * d.hs * d.ws;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < sources; i += int64_t(gridDim.x) * blockDim.x) {
     const I t = I(i) / ws, sx = I(i) - t * ws, n = t / hs, sy = t - n * hs;
@@ -151,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nchw_kernel(const T* 
       mask_grad[k] = 0;
       mask_value[k] = (!d.mask_full && fp.valid(k)) ? acc_t(mask[n * HW + fp.pix(k)]) : acc_t(0);
     }
-    for (I c = 0; c < C; ++c) {
+    for (I c = c_begin; c < c_end; ++c) {
       const I plane = n * C + c, base = plane * HW;
       acc_t prev_grad = 0;
 #pragma unroll
@@ -170,13 +177,39 @@ __global__ void __launch_bounds__(kThreads) merge_backward_nchw_kernel(const T* 
       }
       if constexpr (WRITE_GRAD_PREV) grad_prev[(plane * hs + sy) * ws + sx] = T(prev_grad);
     }
-    if (!d.mask_full) {
+    if (!d.mask_full && gridDim.y == 1) {
 #pragma unroll
       for (int k = 0; k < K * K; ++k) {
         if (fp.valid(k)) grad_mask[n * HW + fp.pix(k)] = T(mask_grad[k]);
       }
+    } else if (!d.mask_full) {
+      acc_t* partial = mask_partial + (I(blockIdx.y) * I(d.N) + n) * HW;  // < N*C*H*W/8: fits I
+#pragma unroll
+      for (int k = 0; k < K * K; ++k) {
+        if (fp.valid(k)) partial[fp.pix(k)] = mask_grad[k];
+      }
     }
   }
+}
+
+// grad_mask of a broadcast mask from the NCHW kernel's per-chunk channel sums, in chunk order.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sum_mask_partials_kernel(const at::opmath_type<T>* __restrict__ partial,
+                                                                     T* __restrict__ grad_mask, int64_t pixels,
+                                                                     int chunks) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < pixels; i += int64_t(gridDim.x) * blockDim.x) {
+    at::opmath_type<T> sum = 0;
+    for (int j = 0; j < chunks; ++j) sum += partial[j * pixels + i];
+    grad_mask[i] = T(sum);
+  }
+}
+
+// Channel chunks for the NCHW backward: enough threads to fill the GPU (about 2^17), at
+// least 8 channels per thread so that each still amortizes its footprint setup.
+int64_t nchw_channel_chunks(int64_t sources, int64_t C) {
+  constexpr int64_t kTargetThreads = int64_t(1) << 17;
+  const int64_t wanted = (kTargetThreads + sources - 1) / sources;
+  return std::clamp<int64_t>(std::min(wanted, C / 8), 1, 65535);
 }
 
 // channels_last: a group of 2^group_shift <= 32 lanes owns one source pixel;
@@ -320,11 +353,23 @@ void launch_forward(T* out, const T* feat, const T* mask, const T* prev, const D
 
 template <typename T, typename I, int K, bool WRITE_GRAD_PREV>
 void launch_backward_fused(const T* grad, const T* feat, const T* mask, T* gfeat, T* gmask, T* gprev, const Dims& d,
-                           bool channels_last, cudaStream_t stream) {
+                           bool channels_last, const at::TensorOptions& options, cudaStream_t stream) {
   const int64_t sources = d.N * d.hs * d.ws;
   if (!channels_last) {
-    merge_backward_nchw_kernel<T, I, K, WRITE_GRAD_PREV>
-        <<<blocks_for(sources), kThreads, 0, stream>>>(grad, feat, mask, gfeat, gmask, gprev, d);
+    using acc_t = at::opmath_type<T>;
+    const int64_t chunks = nchw_channel_chunks(sources, d.C);
+    const int64_t pixels = d.N * d.H * d.W;
+    const bool partial_sums = chunks > 1 && !d.mask_full;
+    const at::Tensor workspace =
+        at::empty({partial_sums ? chunks * pixels : 0}, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const dim3 grid(blocks_for(sources), static_cast<unsigned int>(chunks));
+    merge_backward_nchw_kernel<T, I, K, WRITE_GRAD_PREV><<<grid, kThreads, 0, stream>>>(
+        grad, feat, mask, gfeat, gmask, gprev, d, workspace.mutable_data_ptr<acc_t>());
+    if (partial_sums) {
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      sum_mask_partials_kernel<T><<<blocks_for(pixels), kThreads, 0, stream>>>(workspace.const_data_ptr<acc_t>(), gmask,
+                                                                               pixels, static_cast<int>(chunks));
+    }
   } else {
     constexpr int VEC = 16 / sizeof(T);
     const bool vectorize = d.C % VEC == 0 && aligned16(grad) && aligned16(feat) && aligned16(mask) &&
@@ -347,23 +392,23 @@ void launch_backward_fused(const T* grad, const T* feat, const T* mask, T* gfeat
 
 template <typename T, typename I>
 void launch_backward(const T* grad, const T* feat, const T* mask, T* gfeat, T* gmask, T* gprev, const Dims& d,
-                     bool channels_last, cudaStream_t stream) {
+                     bool channels_last, const at::TensorOptions& options, cudaStream_t stream) {
   if (!d.has_prev) {
-    launch_backward_fused<T, I, 1, false>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, stream);
+    launch_backward_fused<T, I, 1, false>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, options, stream);
     return;
   }
   const int64_t longest = std::max(max_footprint(d.hs, d.H), max_footprint(d.ws, d.W));
   if (longest <= 2) {
-    launch_backward_fused<T, I, 2, true>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, stream);
+    launch_backward_fused<T, I, 2, true>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, options, stream);
   } else if (longest <= kMaxFootprint) {
-    launch_backward_fused<T, I, kMaxFootprint, true>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, stream);
+    launch_backward_fused<T, I, kMaxFootprint, true>(grad, feat, mask, gfeat, gmask, gprev, d, channels_last, options, stream);
   } else {
     Dims per_pixel = d;  // every output pixel its own footprint: grad_feat and grad_mask only
     per_pixel.hs = d.H;
     per_pixel.ws = d.W;
     per_pixel.ys = make_nearest_axis(d.H, d.H);
     per_pixel.xs = make_nearest_axis(d.W, d.W);
-    launch_backward_fused<T, I, 1, false>(grad, feat, mask, gfeat, gmask, gprev, per_pixel, channels_last, stream);
+    launch_backward_fused<T, I, 1, false>(grad, feat, mask, gfeat, gmask, gprev, per_pixel, channels_last, options, stream);
     const unsigned int blocks = blocks_for(d.N * d.C * d.hs * d.ws);
     if (channels_last) gather_grad_prev_kernel<T, I, true><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
     else gather_grad_prev_kernel<T, I, false><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
@@ -410,7 +455,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cuda(const
     auto launch = fits_int32(d) ? launch_backward<scalar_t, int32_t> : launch_backward<scalar_t, int64_t>;
     launch(b.grad.const_data_ptr<scalar_t>(), feat_in.const_data_ptr<scalar_t>(), mask_in.const_data_ptr<scalar_t>(),
            gfeat.mutable_data_ptr<scalar_t>(), gmask.mutable_data_ptr<scalar_t>(),
-           d.has_prev ? b.gprev.mutable_data_ptr<scalar_t>() : nullptr, d, b.fmt == at::MemoryFormat::ChannelsLast, stream);
+           d.has_prev ? b.gprev.mutable_data_ptr<scalar_t>() : nullptr, d, b.fmt == at::MemoryFormat::ChannelsLast,
+           b.grad.options(), stream);
   });
   return {b.gfeat, b.gmask, b.gprev};
 }
