@@ -57,3 +57,19 @@ def test_dense_above_crossover_and_no_bias(monkeypatch, interpreted):
     check_against_dense(_call(interpreted, x, w, None, mask, prev, kwargs), x, w, None, mask, prev, kwargs)
     monkeypatch.setenv(FORCE_SPARSE, "2")
     check_against_dense(_call(interpreted, x, w, None, mask, prev, kwargs), x, w, None, mask, prev, kwargs)
+
+
+@needs_interpreter
+def test_default_is_dense_without_counting_the_mask(monkeypatch, interpreted):
+    # Measured on an H100: the dense composition at every density (DENSE_ABOVE = 0), decided
+    # before the mask is counted, since counting it is a host sync.
+    monkeypatch.delenv(FORCE_SPARSE, raising=False)
+    assert interpreted.DENSE_ABOVE == 0
+    x, w, b, mask, prev, kwargs = make_inputs(CONVS[1], torch.float32, "nchw", density=0.05)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the sparse path ran")
+
+    monkeypatch.setattr(interpreted, "plan_masked_conv2d", fail)
+    monkeypatch.setattr(torch.Tensor, "sum", fail)
+    check_against_dense(_call(interpreted, x, w, b, mask, prev, kwargs), x, w, b, mask, prev, kwargs)

@@ -39,10 +39,13 @@ GEMM_CONFIGS = {
 }
 DEPTHWISE_TILE = dict(BLOCK_M=32, BLOCK_C=64)
 DEPTHWISE_NUM_WARPS = 8
-# Not measured: no GPU was available when this was written; the CPU crossovers
-# (csrc/masked_conv2d.h) are 0.6 for 1x1/3x3. AIM_KERNELS_MASKED_CONV_DENSE_ABOVE overrides it,
+# Measured on an H100 (benchmarks/gpu_masked_conv2d.py, results/gpu_masked_conv2d{,_b64}.json):
+# the fused kernel lost to cuDNN + topdown_merge at every density down to 0.05 for every 1x1
+# and 3x3 case at batch 8 and 64 (0.1-0.8x), and won only for depthwise 7x7 NCHW, batch 64,
+# 96 channels at 56x56 (1.3x at 0.05-0.1). So 0: the dense composition at any density, chosen
+# without counting the mask (no host sync). AIM_KERNELS_MASKED_CONV_DENSE_ABOVE overrides it,
 # as for the C++ kernels.
-DENSE_ABOVE = 0.5
+DENSE_ABOVE = 0.0
 FORCE_ENV = "AIM_KERNELS_MASKED_CONV_DENSE_ABOVE"
 
 
@@ -204,7 +207,8 @@ def plan_masked_conv2d(x, weight, bias, mask, prev, stride, padding, dilation, g
 def masked_conv2d(x, weight, bias, mask, prev, stride, padding, dilation, groups):
     """aim_kernels::masked_conv2d with Triton kernels (the dense composition above DENSE_ABOVE)."""
     validate(x, weight, bias, mask, prev, list(stride), list(padding), list(dilation), groups)
-    if mask.numel() and float((mask != 0).sum()) > dense_above() * mask.numel():
+    threshold = dense_above()
+    if threshold <= 0 or (mask.numel() and float((mask != 0).sum()) > threshold * mask.numel()):
         conv = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return torch.ops.aim_kernels.topdown_merge(conv, mask, prev).contiguous(memory_format=memory_format_of(x))
     plan, out = plan_masked_conv2d(x, weight, bias, mask, prev, stride, padding, dilation, groups)

@@ -116,11 +116,12 @@ at::Tensor masked_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& weight, 
   const at::MemoryFormat fmt = output_memory_format(x_in);
   at::Tensor out = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x_in.options().memory_format(fmt));
   if (out.numel() == 0) return out;
+  const double dense_above = dense_crossover_density(g, fmt == at::MemoryFormat::ChannelsLast, true);
+  if (dense_above <= 0) return masked_conv2d_dense(x_in, weight, bias, mask_in, prev_in, stride, padding, dilation, groups);
   const at::Tensor mask = mask_in.contiguous();
   const at::Tensor active = at::nonzero(mask.reshape({-1}) != 0).reshape({-1});  // NaN is active, as in the dense result
   const int64_t rows = active.numel();  // nonzero synchronizes: the count is known here
-  if (static_cast<double>(rows) > dense_crossover_density(g, fmt == at::MemoryFormat::ChannelsLast, true) *
-                                       static_cast<double>(g.positions())) {
+  if (static_cast<double>(rows) > dense_above * static_cast<double>(g.positions())) {
     return masked_conv2d_dense(x_in, weight, bias, mask_in, prev_in, stride, padding, dilation, groups);
   }
   const at::Tensor x = x_in.contiguous(fmt);
