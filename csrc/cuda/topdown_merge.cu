@@ -444,19 +444,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cuda(const
   if (b.grad.numel() == 0) return {b.gfeat, b.gmask, b.gprev};
   const Dims d = dims_of(b.geometry);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // The CUDA kernels always compute grad_feat and grad_mask: an input not passed is read as
-  // zeros and its gradient written to scratch (the saved-memory saving holds, the time one not).
+  const bool channels_last = b.fmt == at::MemoryFormat::ChannelsLast;
+  if (!b.want_feat_grad && !b.want_mask_grad) {  // grad_prev alone: a gather of grad_out, nothing else read
+    if (d.has_prev) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad.scalar_type(), "topdown_merge_backward_cuda", [&] {
+        const unsigned int blocks = blocks_for(d.N * d.C * d.hs * d.ws);
+        const scalar_t* grad = b.grad.const_data_ptr<scalar_t>();
+        scalar_t* gprev = b.gprev.mutable_data_ptr<scalar_t>();
+        if (fits_int32(d)) {
+          if (channels_last) gather_grad_prev_kernel<scalar_t, int32_t, true><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
+          else gather_grad_prev_kernel<scalar_t, int32_t, false><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
+        } else {
+          if (channels_last) gather_grad_prev_kernel<scalar_t, int64_t, true><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
+          else gather_grad_prev_kernel<scalar_t, int64_t, false><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    return {b.gfeat, b.gmask, b.gprev};
+  }
+  // One of grad_feat / grad_mask not wanted: the fused kernel still computes it, into scratch,
+  // from a stand-in for the input that was not saved: grad_out itself where the shapes agree
+  // (its second read hits the cache), else zeros of the broadcast mask's size (1/C of grad_out).
   const auto layout = b.grad.options().memory_format(b.fmt);
-  const at::Tensor feat_in = b.want_mask_grad ? b.feat : at::zeros(b.grad.sizes(), layout);
-  const at::Tensor mask_in = b.want_feat_grad ? b.mask : at::zeros({d.N, mask_channels, d.H, d.W}, layout);
+  const at::Tensor feat_in = b.want_mask_grad ? b.feat : b.grad;
+  const at::Tensor mask_in = b.want_feat_grad ? b.mask
+                             : d.mask_full    ? b.grad
+                                              : at::zeros({d.N, 1, d.H, d.W}, layout);
   const at::Tensor gfeat = b.want_feat_grad ? b.gfeat : at::empty_like(feat_in);
   const at::Tensor gmask = b.want_mask_grad ? b.gmask : at::empty_like(mask_in);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad.scalar_type(), "topdown_merge_backward_cuda", [&] {
     auto launch = fits_int32(d) ? launch_backward<scalar_t, int32_t> : launch_backward<scalar_t, int64_t>;
     launch(b.grad.const_data_ptr<scalar_t>(), feat_in.const_data_ptr<scalar_t>(), mask_in.const_data_ptr<scalar_t>(),
            gfeat.mutable_data_ptr<scalar_t>(), gmask.mutable_data_ptr<scalar_t>(),
-           d.has_prev ? b.gprev.mutable_data_ptr<scalar_t>() : nullptr, d, b.fmt == at::MemoryFormat::ChannelsLast,
-           b.grad.options(), stream);
+           d.has_prev ? b.gprev.mutable_data_ptr<scalar_t>() : nullptr, d, channels_last, b.grad.options(), stream);
   });
   return {b.gfeat, b.gmask, b.gprev};
 }
