@@ -63,10 +63,14 @@ def topdown_merge(feat: Tensor, mask: Tensor, prev: Optional[Tensor] = None) -> 
         return torch.overrides.handle_torch_function(topdown_merge, (feat, mask, prev), feat, mask, prev)
     autocast = isinstance(feat, Tensor) and torch.is_autocast_enabled(feat.device.type)
     validate(feat, mask, prev, same_dtype=not autocast)
-    if autocast or torch.compiler.is_compiling():
-        # The op itself: its autocast rule promotes, its Autograd kernel is _Merge.eager (and
-        # torch.compile traces ops, not the Function's dispatcher guard).
+    if torch.compiler.is_compiling():
+        # The op itself: torch.compile traces ops (its autocast rule promotes, its Autograd
+        # kernel is _Merge.eager), not the Function's dispatcher guard.
         return _forward(feat, mask, prev)
+    if autocast:
+        # The op's autocast rule, applied here so that the Function below records the graph:
+        # under torch.func the op's own Autograd kernel (no setup_context) cannot.
+        feat, mask, prev = _promote(feat, mask, prev)
     if not (torch.is_grad_enabled() and torch._C._any_requires_grad(feat, mask, prev)):
         return call_below_autograd(_forward, feat, mask, prev)  # no graph to record: skip the Function
     return apply(_Merge, feat, mask, prev)

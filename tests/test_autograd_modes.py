@@ -16,6 +16,7 @@ import aim
 import aim_kernels
 from aim_kernels import reference
 from common import cpu_and_cuda
+from tolerances import TOLERANCE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,6 +205,34 @@ def test_autocast_promotes_like_eager():
         expected = independent_merge(feat16, mask, prev)
     assert out.dtype == expected.dtype == torch.float32
     assert torch.equal(out, expected)
+
+
+def test_autocast_inside_torch_func_grad():
+    # autocast's promotion rule and the functorch transforms compose: the same gradients (dtypes
+    # exactly; values within float32 rounding, since grad_mask and grad_prev are sums over
+    # channels and footprints taken in another order than eager's) as autocast over torch ops.
+    feat, mask, prev = merge_inputs(1, True, dtype=torch.float32)
+    feat16 = feat.bfloat16()
+
+    def loss(merge):
+        def fn(f, m, p):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return merge(f, m, p).square().sum()
+        return fn
+
+    got = grad(loss(aim_kernels.topdown_merge), argnums=(0, 1, 2))(feat16, mask, prev)
+    expected = grad(loss(independent_merge), argnums=(0, 1, 2))(feat16, mask, prev)
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **TOLERANCE[torch.float32])
+    logits = torch.randn(2, 1, 4, 5, dtype=torch.bfloat16)
+
+    def gumbel_loss(a):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return (aim_kernels.gumbel_binarize(a, seed=3) * a).float().sum()
+
+    plain = torch.func.grad(lambda a: (aim_kernels.gumbel_binarize(a, seed=3) * a).float().sum())(logits)
+    assert torch.equal(torch.func.grad(gumbel_loss)(logits), plain)
 
 
 def test_autocast_aim_training_step_bf16():
