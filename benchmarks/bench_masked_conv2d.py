@@ -2,7 +2,7 @@
 top-down merge) against the dense composition conv2d + topdown_merge and torch.compile of it,
 at the stage shapes of ResNet-50 and ConvNeXt-T at 224x224, batch 8.
 
-    python benchmarks/bench_masked_conv2d.py [--threads N] [--rounds R] [--quick]
+    python benchmarks/bench_masked_conv2d.py [--threads N] [--rounds R] [--quick] [--cases SUBSTRING]
 
 Per shape and layout, one interleaved timing of: "dense" (F.conv2d + aim_kernels.topdown_merge),
 "torch.compile" (of the dense composition), and at each density 0.05 .. 1.0 "masked_conv2d"
@@ -60,11 +60,11 @@ def sparse_forced(fn):
     return run
 
 
-def child(quick, rounds):
+def child(quick, rounds, only):
     torch.manual_seed(0)
     compiled = torch.compile(reference.masked_conv2d, dynamic=False)
     rows = []
-    for label, c_in, c_out, k, groups, h in QUICK_CASES if quick else CASES:
+    for label, c_in, c_out, k, groups, h in [c for c in (QUICK_CASES if quick else CASES) if only in c[0]]:
         for layout, fmt in LAYOUTS.items():
             x = torch.randn(BATCH, c_in, h, h).contiguous(memory_format=fmt)
             w = torch.randn(c_out, c_in // groups, k, k).contiguous(memory_format=fmt)
@@ -117,11 +117,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="two small shapes, for a smoke run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--cases", default="", help="only the cases whose label contains this (e.g. target)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if os.environ.get(common.CHILD_ENV_FLAG):
-        return child(args.quick, args.rounds)
+        return child(args.quick, args.rounds, args.cases)
     rows = [r for part in common.run_under_both_allocators(__file__, sys.argv[1:]) for r in part]
     common.print_table(rows, ["allocator", "threads", "case", "layout", "provider", "density", "median_ms",
                               "x_vs_dense", "x_vs_compile", "frac_of_ideal"])
@@ -129,7 +130,8 @@ def main():
     for (allocator, case, layout), density in crossovers(rows).items():
         print(f"  {allocator} {case} {layout}: {density}")
     meta = common.machine_info()
-    stem = "masked_conv2d" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
+    stem = ("masked_conv2d" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
+            + (f"_{args.cases.replace(' ', '_')}" if args.cases else ""))
     paths = common.write_results(stem, rows, meta)
     print("wrote", *paths)
 
