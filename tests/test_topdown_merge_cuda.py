@@ -158,8 +158,10 @@ def test_another_op_plugs_into_the_backend_table():
 
 # ---- on a GPU -------------------------------------------------------------------------------
 
+# The last two run the NCHW backward's channel chunks: 32 chunks of 8 channels, and 31 chunks
+# of 9 channels for 250, where the last chunks start past C and contribute nothing.
 GPU_SHAPES = [(2, 5, 7, 9, None), (2, 8, 8, 12, (4, 6)), (2, 5, 7, 9, (3, 4)), (1, 3, 9, 9, (3, 3)),
-              (2, 3, 17, 19, (2, 3)), (2, 256, 14, 14, (7, 7))]
+              (2, 3, 17, 19, (2, 3)), (2, 256, 14, 14, (7, 7)), (2, 250, 10, 10, (5, 5))]
 
 
 @needs_gpu
