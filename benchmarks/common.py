@@ -69,6 +69,9 @@ def gpu_times(fn, rep_ms=100, profiled_calls=20):
     return {"p20_ms": p20, "median_ms": median, "p80_ms": p80, "gpu_ms": device_us / profiled_calls / 1e3}
 
 
+GPU_SPEEDUPS = (("gpu_x_vs_eager", "eager"), ("gpu_x_vs_compile", "torch.compile"))  # add_speedups(..., time_key="gpu_ms")
+
+
 def bandwidth_probe(numel=BANDWIDTH_NUMEL):
     """A callable for time_interleaved: torch.add(a, b, out=c) on float32, preallocated output,
     and the bytes it moves (read a and b, write c). Its GB/s is this machine's achievable
@@ -205,14 +208,14 @@ def no_grad_call(fn, *args):
         return fn(*args)
 
 
-def add_speedups(rows, baselines=(("x_vs_eager", "eager"), ("x_vs_compile", "torch.compile"))):
+def add_speedups(rows, baselines=(("x_vs_eager", "eager"), ("x_vs_compile", "torch.compile")), time_key="median_ms"):
     """Adds, to every row, its speed relative to each baseline provider measured for the same
-    allocator setting, shape and mode (baseline median / row median)."""
+    allocator setting, shape and mode (baseline time / row time, from rows[time_key])."""
     by_key = {(r["allocator"], r["shape"], r["mode"], r["provider"]): r for r in rows}
     for r in rows:
         key = (r["allocator"], r["shape"], r["mode"])
         for column, provider in baselines:
-            r[column] = by_key[key + (provider,)]["median_ms"] / r["median_ms"]
+            r[column] = by_key[key + (provider,)][time_key] / r[time_key]
 
 
 def print_table(rows, columns):

@@ -60,10 +60,7 @@ def main():
                                      saved_bytes=saved_bytes(fn, logits)[0],
                                      **{"GB/s": gbs, "frac_of_peak_bw": gbs / peak}))
     common.add_speedups(rows)
-    by_key = {(r["shape"], r["mode"], r["provider"]): r for r in rows}
-    for r in rows:
-        eager, compiled = (by_key[(r["shape"], r["mode"], p)]["gpu_ms"] for p in ("eager", "torch.compile"))
-        r["gpu_x_vs_eager"], r["gpu_x_vs_compile"] = eager / r["gpu_ms"], compiled / r["gpu_ms"]
+    common.add_speedups(rows, common.GPU_SPEEDUPS, time_key="gpu_ms")
     common.print_table(rows, ["shape", "mode", "provider", "median_ms", "gpu_ms", "peak_MB", "saved_bytes", "GB/s",
                               "frac_of_peak_bw", "x_vs_eager", "x_vs_compile", "gpu_x_vs_eager", "gpu_x_vs_compile"])
     print(f"peak DRAM bandwidth from the memory clock and bus width: {peak:.0f} GB/s")

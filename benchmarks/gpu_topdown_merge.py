@@ -83,10 +83,7 @@ def main():
     for r in rows:
         r["shape"] = f"{r['shape']} {r.pop('dtype')}"
     common.add_speedups(rows)
-    by_key = {(r["shape"], r["mode"], r["provider"]): r for r in rows}
-    for r in rows:
-        r["gpu_x_vs_eager"] = by_key[(r["shape"], r["mode"], "eager")]["gpu_ms"] / r["gpu_ms"]
-        r["gpu_x_vs_compile"] = by_key[(r["shape"], r["mode"], "torch.compile")]["gpu_ms"] / r["gpu_ms"]
+    common.add_speedups(rows, common.GPU_SPEEDUPS, time_key="gpu_ms")
     common.print_table(rows, ["shape", "mode", "provider", "median_ms", "gpu_ms", "peak_MB", "GB/s", "frac_of_peak_bw",
                               "x_vs_eager", "x_vs_compile", "gpu_x_vs_eager", "gpu_x_vs_compile"])
     print(f"peak DRAM bandwidth from the memory clock and bus width: {peak:.0f} GB/s")
