@@ -100,7 +100,7 @@ def test_half_footprint_longer_than_a_tile_accumulates_in_float32(interpreted):
     # prev 1x1 under a 16x16 map: 256 footprint slots, 16 tiles. Summing into a float16
     # grad_prev tile by tile would round 16 times; the launcher sums into float32 instead.
     feat, mask, prev = _inputs((1, 4, 16, 16, (1, 1)), "1", torch.float16, "nchw")
-    plan, *_, grad_prev, accumulator = interpreted.plan_backward(torch.ones_like(feat), feat, mask, mask.shape[1], [1, 1])
+    plan, _, _, grad_prev, accumulator, _ = interpreted.plan_backward(torch.ones_like(feat), feat, mask, mask.shape[1], [1, 1])
     assert accumulator.dtype == torch.float32 and plan.constexprs["BLOCK_K"] == interpreted.MAX_FOOTPRINT_SLOTS
     grad = torch.full_like(feat, 0.1)
     got = interpreted.topdown_merge_backward(grad, feat, mask, mask.shape[1], [1, 1])[2]
@@ -117,3 +117,18 @@ def test_bad_input_raises_before_launch(interpreted):
         interpreted.topdown_merge_backward(feat, feat, mask, mask.shape[1], [8, 4])
     with pytest.raises(ValueError, match="grad_out"):
         interpreted.topdown_merge_backward(feat[:1], feat, mask, mask.shape[1], [3, 4])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_backward_channel_chunks(interpreted, layout, dtype):
+    # Few source pixels and many channels: the launcher splits the channels over programs and
+    # sums the broadcast mask's per-chunk gradients after the launch, in the accumulation dtype.
+    feat, mask, prev = _inputs((1, 130, 6, 6, (3, 3)), "1", dtype, layout)
+    grad = torch.randn_like(feat)
+    plan, _, _, _, _, partial = interpreted.plan_backward(grad, feat, mask, 1, [3, 3])
+    assert plan.grid[1] > 1
+    assert partial.shape[0] == plan.grid[1] and partial.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    grads = interpreted.topdown_merge_backward(grad, feat, mask, 1, [3, 3])
+    check_backward(grads, grad, feat, mask, [3, 3], truncating_bfloat16=True)

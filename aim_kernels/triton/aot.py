@@ -107,6 +107,7 @@ _FORWARD_SHAPES = {"nchw": ((4, 7, 7), (4, 14, 14), (4, 32, 32)), "channels_last
 # backward launcher picks every BLOCK_K (the last needs several footprint tiles).
 _BACKWARD_PREV = ((8, 8), (8, 4), (4, 4), (4, 3), (3, 3), (1, 1))
 _BACKWARD_CHANNELS = {"nchw": (4,), "channels_last": (8, 40)}
+_CHUNKED_CHANNELS = 128  # with N=1 and an 8x8 map, enough for several channel chunks in both layouts
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -141,6 +142,11 @@ def topdown_merge_plans():
                                                            mask if given == "mask" else None, mask_c, prev_size)[0]
                                 plans.append((f"backward {layout} {dtype} C={c} mask_c={mask_c} prev_size={prev_size} "
                                               f"only {given}", plan))
+            # channels split over programs: a broadcast mask's gradient goes to a float32 buffer
+            feat, mask = _tensor((1, _CHUNKED_CHANNELS, 8, 8), dtype, cl), _tensor((1, 1, 8, 8), dtype, cl)
+            plan = merge.plan_backward(feat, feat, mask, 1, [4, 4])[0]
+            assert plan.grid[1] > 1, plan.grid
+            plans.append((f"backward {layout} {dtype} C={_CHUNKED_CHANNELS} mask_c=1 prev_size=[4, 4] channel chunks", plan))
     return plans
 
 
