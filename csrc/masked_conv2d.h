@@ -80,13 +80,14 @@ inline ConvGeometry conv_geometry(const at::Tensor& x, const at::Tensor& weight,
 //   planes): 0.03.
 // AIM_KERNELS_MASKED_CONV_DENSE_ABOVE=<fraction> overrides it (read per call), so tests and
 // benchmarks can run the sparse kernels at every density ("2" never takes the dense path).
-// On CUDA (H100, benchmarks/gpu_masked_conv2d.py, results/gpu_masked_conv2d{,_b64}.json) the
-// sparse path lost to cuDNN + topdown_merge at every density down to 0.05 for every 1x1 and
-// 3x3 case, both layouts, fp32 and bf16, at batch 8 (0.1-0.9x: compaction, its host sync and
-// four launches cost more than the whole dense call, 0.02-0.1 ms) and at batch 64
-// (0.1-0.94x). It won only for depthwise 7x7 NCHW at batch 64 and density <= 0.1
-// (1.0-1.55x), and lost there at batch 8. So 0: the dense composition at any density, chosen
-// before the count, with no host sync (the caller can still force the sparse kernels).
+// On CUDA (H100, benchmarks/gpu_masked_conv2d.py, results/gpu_masked_conv2d{,_b64}.json,
+// C++ backend) the sparse path lost to cuDNN + topdown_merge in every row at batch 8: every
+// case, layout and density down to 0.05, fp32 and bf16 (0.02-0.84x: compaction, its host sync
+// and four launches cost more than the whole dense call, 0.02-0.1 ms). At batch 64 it won
+// only for depthwise 7x7 at density <= 0.1 (1.0-1.55x: NCHW at every width, channels_last
+// fp32 at 96 and 192 channels) and in one lone 1x1 row at density 0.75 (1.21x); every other
+// row lost (0.01-0.94x). So 0: the dense composition at any density, chosen before the count,
+// with no host sync (the caller can still force the sparse kernels).
 inline double dense_crossover_density(const ConvGeometry& g, bool channels_last, bool cuda) {
   if (const char* forced = std::getenv("AIM_KERNELS_MASKED_CONV_DENSE_ABOVE")) return std::atof(forced);
   if (cuda) return 0.;

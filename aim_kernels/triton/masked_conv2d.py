@@ -40,11 +40,13 @@ GEMM_CONFIGS = {
 DEPTHWISE_TILE = dict(BLOCK_M=32, BLOCK_C=64)
 DEPTHWISE_NUM_WARPS = 8
 # Measured on an H100 (benchmarks/gpu_masked_conv2d.py, results/gpu_masked_conv2d{,_b64}.json):
-# the fused kernel lost to cuDNN + topdown_merge at every density down to 0.05 for every 1x1
-# and 3x3 case at batch 8 and 64 (0.1-0.8x), and won only for depthwise 7x7 NCHW, batch 64,
-# 96 channels at 56x56 (1.3x at 0.05-0.1). So 0: the dense composition at any density, chosen
-# without counting the mask (no host sync). AIM_KERNELS_MASKED_CONV_DENSE_ABOVE overrides it,
-# as for the C++ kernels.
+# at batch 8 the fused kernel beat its own dense composition (cuDNN + the Triton merge) only in
+# rows where that dense call was slowed to 0.28-0.65 ms (launch noise; 6-25x the same shape's
+# dense call with the C++ merge), and even there took 0.23-0.61 ms against the C++ backend's
+# 0.025-0.039 ms dense call; at batch 64 it won only for depthwise 7x7 NCHW with 96 channels
+# at 56x56 (1.06-1.39x at density <= 0.25) and lost every other row (0.08-0.84x). So 0: the
+# dense composition at any density, chosen without counting the mask (no host sync).
+# AIM_KERNELS_MASKED_CONV_DENSE_ABOVE overrides it, as for the C++ kernels.
 DENSE_ABOVE = 0.0
 FORCE_ENV = "AIM_KERNELS_MASKED_CONV_DENSE_ABOVE"
 
