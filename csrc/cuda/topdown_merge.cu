@@ -329,6 +329,14 @@ __global__ void __launch_bounds__(kThreads) gather_grad_prev_kernel(const T* __r
   }
 }
 
+template <typename T, typename I>
+void launch_gather_grad_prev(const T* grad, T* gprev, const Dims& d, bool channels_last, cudaStream_t stream) {
+  const unsigned int blocks = blocks_for(d.N * d.C * d.hs * d.ws);
+  if (channels_last) gather_grad_prev_kernel<T, I, true><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
+  else gather_grad_prev_kernel<T, I, false><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Every tensor of the call has fewer than 2^31 elements: 32-bit index arithmetic is exact.
 bool fits_int32(const Dims& d) { return d.N * std::max<int64_t>(d.C, 1) * d.H * d.W <= INT32_MAX; }
 
@@ -360,11 +368,11 @@ void launch_backward_fused(const T* grad, const T* feat, const T* mask, T* gfeat
     const int64_t chunks = nchw_channel_chunks(sources, d.C);
     const int64_t pixels = d.N * d.H * d.W;
     const bool partial_sums = chunks > 1 && !d.mask_full;
-    const at::Tensor workspace =
-        at::empty({partial_sums ? chunks * pixels : 0}, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const at::Tensor workspace =  // allocated only when used: a backward call's host time counts
+        partial_sums ? at::empty({chunks * pixels}, options.dtype(c10::CppTypeToScalarType<acc_t>::value)) : at::Tensor();
     const dim3 grid(blocks_for(sources), static_cast<unsigned int>(chunks));
     merge_backward_nchw_kernel<T, I, K, WRITE_GRAD_PREV><<<grid, kThreads, 0, stream>>>(
-        grad, feat, mask, gfeat, gmask, gprev, d, workspace.mutable_data_ptr<acc_t>());
+        grad, feat, mask, gfeat, gmask, gprev, d, partial_sums ? workspace.mutable_data_ptr<acc_t>() : nullptr);
     if (partial_sums) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       sum_mask_partials_kernel<T><<<blocks_for(pixels), kThreads, 0, stream>>>(workspace.const_data_ptr<acc_t>(), gmask,
@@ -409,10 +417,7 @@ void launch_backward(const T* grad, const T* feat, const T* mask, T* gfeat, T* g
     per_pixel.ys = make_nearest_axis(d.H, d.H);
     per_pixel.xs = make_nearest_axis(d.W, d.W);
     launch_backward_fused<T, I, 1, false>(grad, feat, mask, gfeat, gmask, gprev, per_pixel, channels_last, options, stream);
-    const unsigned int blocks = blocks_for(d.N * d.C * d.hs * d.ws);
-    if (channels_last) gather_grad_prev_kernel<T, I, true><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
-    else gather_grad_prev_kernel<T, I, false><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_gather_grad_prev<T, I>(grad, gprev, d, channels_last, stream);
   }
 }
 
@@ -448,17 +453,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topdown_merge_backward_cuda(const
   if (!b.want_feat_grad && !b.want_mask_grad) {  // grad_prev alone: a gather of grad_out, nothing else read
     if (d.has_prev) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.grad.scalar_type(), "topdown_merge_backward_cuda", [&] {
-        const unsigned int blocks = blocks_for(d.N * d.C * d.hs * d.ws);
-        const scalar_t* grad = b.grad.const_data_ptr<scalar_t>();
-        scalar_t* gprev = b.gprev.mutable_data_ptr<scalar_t>();
-        if (fits_int32(d)) {
-          if (channels_last) gather_grad_prev_kernel<scalar_t, int32_t, true><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
-          else gather_grad_prev_kernel<scalar_t, int32_t, false><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
-        } else {
-          if (channels_last) gather_grad_prev_kernel<scalar_t, int64_t, true><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
-          else gather_grad_prev_kernel<scalar_t, int64_t, false><<<blocks, kThreads, 0, stream>>>(grad, gprev, d);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        auto launch = fits_int32(d) ? launch_gather_grad_prev<scalar_t, int32_t> : launch_gather_grad_prev<scalar_t, int64_t>;
+        launch(b.grad.const_data_ptr<scalar_t>(), b.gprev.mutable_data_ptr<scalar_t>(), d, channels_last, stream);
       });
     }
     return {b.gfeat, b.gmask, b.gprev};
