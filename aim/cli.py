@@ -35,6 +35,8 @@ def build_parser():
     train.add_argument("--noise-off-epochs", type=int, default=0, help="AIM: the last N epochs train without Gumbel noise")
     train.add_argument("--mask-topdown-context", action="store_true", help="AIM: finer mask estimators also read the upsampled coarser fused map")
     train.add_argument("--per-image-mask-loss", action="store_true", help="AIM: mask loss on each image's active fraction, not the batch's")
+    train.add_argument("--pooling", choices=("all", "active"), default="all",
+                       help="AIM: classifiers average the masked map over all positions or over the active ones only")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--anneal-epochs", type=int, default=10, help="epochs over which tau goes from 1.0 to --target")
     train.add_argument("--batch-size", type=int, default=32, help="global batch (split over processes)")

@@ -1,10 +1,12 @@
 """Evaluation of a trained classifier (AIM or the baseline) on one split: accuracy, per-group
 (or per-class) accuracy, worst-group and mean-group accuracy, the masks' active fractions, and
 the Energy Pointing Game of each stage's mask and of GradCAM (Captum ``LayerGradCam`` on the
-backbone's last stage, for both model kinds).
+backbone's last stage, for both model kinds), the mask-area leak report and the exact decision
+audit (:mod:`aim.audit`).
 
-Every number is built from sums, so ranks of a multi-process run evaluate disjoint shards and
-:func:`evaluate` reduces the sums before dividing.
+Accuracies and EPG are built from sums, the leak report and the audit from per-image values:
+ranks of a multi-process run evaluate disjoint shards, and :func:`evaluate` reduces the sums
+and gathers the per-image values before computing any number.
 """
 import math
 
@@ -12,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from aim import metrics
+from aim import audit, metrics
 from aim.errors import UsageError
 from aim.model import AIMOutput
 
@@ -32,16 +34,32 @@ def gradcam(model, images, targets):
 
 
 class _Sums:
-    """Per-group correct/seen counts, per-stage mask fractions and EPG sums of one shard."""
+    """Per-group correct/seen counts, per-stage mask fractions and EPG sums of one shard, and
+    the per-image values (labels, groups, mask fractions, decision shares) the leak report and
+    the audit need."""
 
     def __init__(self, num_groups, num_classes):
         self.values = {"group_correct": torch.zeros(num_groups, dtype=torch.float64),
                        "group_seen": torch.zeros(num_groups, dtype=torch.float64),
                        "class_correct": torch.zeros(num_classes, dtype=torch.float64),
                        "class_seen": torch.zeros(num_classes, dtype=torch.float64)}
+        self.per_image = {}
 
     def add(self, name, value):
         self.values[name] = self.values.get(name, 0.0) + float(value)
+
+    def append(self, name, values):
+        self.per_image.setdefault(name, []).append(values.detach().cpu().double())
+
+    def gathered(self, world_size):
+        """The per-image values of every rank, concatenated (rank order)."""
+        local = {name: torch.cat(chunks) for name, chunks in self.per_image.items()}
+        if world_size == 1:
+            return local
+        shards = [None] * world_size
+        dist.all_gather_object(shards, local)
+        names = sorted({name for shard in shards for name in shard})
+        return {name: torch.cat([shard[name] for shard in shards if name in shard]) for name in names}
 
     def reduce(self, device):
         """Sum over the ranks of the process group."""
@@ -58,13 +76,16 @@ class _Sums:
 
 @torch.no_grad()
 def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=None, channels_last=False,
-             with_gradcam=True, rank=0, world_size=1):
+             with_gradcam=True, with_audit=True, rank=0, world_size=1):
     """Metrics of ``model`` on ``dataset`` (an :class:`aim.data.SampleDataset`) as a JSON-ready dict.
 
     Keys: num_samples, accuracy, class_accuracy, group_accuracy / worst_group_accuracy /
-    mean_group_accuracy (None for layouts without groups), mask_active_fraction {stage} (AIM),
-    energy_pointing_game {stage..., "gradcam"} and foreground_images (datasets with
-    foregrounds; GradCAM only with ``with_gradcam``). GradCAM targets the true class.
+    mean_group_accuracy (None for layouts without groups), mask_active_fraction {stage} and
+    mask_area_leak {stage: aim.audit.mask_area_leak's entry} (AIM), energy_pointing_game
+    {stage..., "gradcam"} and foreground_images (datasets with foregrounds; GradCAM only with
+    ``with_gradcam``), decision_audit (datasets with foregrounds, ``with_audit``, two classes
+    or more: the mean shares of the decision on the object, the background and the bias,
+    overall and per group, from :func:`aim.audit.decision_shares`). GradCAM targets the true class.
     In multi-process runs every rank passes its rank and world size, evaluates its shard, and
     gets the result of the whole split; world_size 1 evaluates the whole split in this process.
     """
@@ -87,12 +108,20 @@ def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=N
             sums.values["group_seen"].index_add_(0, groups, torch.ones_like(correct))
             sums.values["class_correct"].index_add_(0, labels, correct)
             sums.values["class_seen"].index_add_(0, labels, torch.ones_like(correct))
+            sums.append("labels", labels)
+            sums.append("groups", groups)
             masks = output.masks if isinstance(output, AIMOutput) else {}
             for name, mask in masks.items():
-                sums.add(f"active/{name}", metrics.mask_active_fraction(mask).sum())
+                fractions = metrics.mask_active_fraction(mask)
+                sums.add(f"active/{name}", fractions.sum())
+                sums.append(f"active/{name}", fractions)
             if not dataset.has_foregrounds:
                 continue
             foreground = batch[3].to(device)
+            if with_audit and dataset.num_classes >= 2:
+                shares = audit.decision_shares(audit.decision_contributions(unwrap(model), images.float()), foreground)
+                for name, values in shares.items():
+                    sums.append(f"decision/{name}", values)
             has_foreground = (foreground.flatten(1) != 0).any(1)
             sums.add("foreground_images", has_foreground.sum())
             for name, mask in masks.items():
@@ -104,6 +133,24 @@ def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=N
         model.train(was_training)
     # Every rank must reduce the same keys, also one whose shard was empty and saw no masks.
     return _finalize(sums, dataset, mask_stage_names(model), device, with_gradcam, world_size)
+
+
+def _per_image_reports(per_image, dataset, stages):
+    """The leak report and the decision audit from the gathered per-image values."""
+    reports = {}
+    labels = per_image.get("labels", torch.zeros(0, dtype=torch.float64)).long()
+    groups = per_image["groups"].long() if dataset.has_groups and "groups" in per_image else None
+    if stages:
+        fractions = {name: per_image.get(f"active/{name}", torch.zeros(0, dtype=torch.float64)) for name in stages}
+        reports["mask_area_leak"] = audit.mask_area_leak(fractions, labels, groups, dataset.num_classes,
+                                                         dataset.num_groups if groups is not None else None)
+    if "decision/object" in per_image:
+        index, count = (groups, dataset.num_groups) if groups is not None else (labels, dataset.num_classes)
+        reports["decision_audit"] = {
+            **{name: per_image[f"decision/{name}"].mean().item() for name in audit.SHARE_NAMES},
+            "by_group" if groups is not None else "by_class":
+                {name: audit.means_by(per_image[f"decision/{name}"], index, count) for name in audit.SHARE_NAMES}}
+    return reports
 
 
 def unwrap(model):
@@ -134,6 +181,7 @@ def _finalize(sums, dataset, stages, device, with_gradcam, world_size):
             sums.add("epg/gradcam", 0.0)
     if world_size > 1:
         sums.reduce(device)
+    per_image = sums.gathered(world_size)
     v = sums.values
     seen = v["group_seen"].sum().item()
     result = {"num_samples": int(seen), "accuracy": v["group_correct"].sum().item() / seen,
@@ -151,6 +199,7 @@ def _finalize(sums, dataset, stages, device, with_gradcam, world_size):
         result["foreground_images"] = int(count)
         keys = stages + (["gradcam"] if with_gradcam else [])
         result["energy_pointing_game"] = {k: (v[f"epg/{k}"] / count if count else None) for k in keys}
+    result.update(_per_image_reports(per_image, dataset, stages))
     return result
 
 
@@ -179,6 +228,21 @@ def format_table(result, class_names, group_names):
     for key, value in result.get("energy_pointing_game", {}).items():
         label = "EPG GradCAM" if key == "gradcam" else f"EPG mask {key}"
         lines.append(f"{label:<28} {_num(value)}")
+    for stage, leak in result.get("mask_area_leak", {}).items():
+        lines.append(f"{'mask ' + stage + ' empty share':<28} {_num(leak['empty_share'])}")
+        lines.append(f"{'mask ' + stage + ' area AUC':<28} class {_num(leak['auc_class'])}, background {_num(leak['auc_background'])}")
+        by = leak["active_by_group"] if leak["active_by_group"] is not None else leak["active_by_class"]
+        names = group_names if leak["active_by_group"] is not None else class_names
+        lines.append(f"{'mask ' + stage + ' active by ' + ('group' if leak['active_by_group'] is not None else 'class'):<28} "
+                     + ", ".join(f"{n} {_num(a)}" for n, a in zip(names, by)))
+    decision = result.get("decision_audit")
+    if decision is not None:
+        lines.append(f"{'decision on object/bg/bias':<28} {_num(decision['object'])} / {_num(decision['background'])} / {_num(decision['bias'])}")
+        by_group = "by_group" in decision
+        per = decision["by_group" if by_group else "by_class"]
+        for i, name in enumerate(group_names if by_group else class_names):
+            lines.append(f"  {'group' if by_group else 'class'} {i} {name:<18} {_num(per['object'][i])} / "
+                         f"{_num(per['background'][i])} / {_num(per['bias'][i])}")
     return "\n".join(lines)
 
 

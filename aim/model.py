@@ -42,11 +42,13 @@ class AIM(nn.Module):
         initial_mask_logit: initial bias of the mask estimators' logits.
         mask_topdown_context: the finer mask estimators also read the upsampled coarser fused
             map (``FusedTopDownMask``'s option of that name).
+        pooling: "all" or "active", how every classifier averages its masked map
+            (``FusedTopDownMask``'s option of that name).
     """
 
     def __init__(self, backbone, num_classes, depth=2, target=0.25, out_channels=256, mask_hidden_channels=128,
                  temperature=1.0, weights=None, stage_channels=None, use_reference=False, sparse_eval=True,
-                 initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=False):
+                 initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=False, pooling="all"):
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, weights=weights)
@@ -61,7 +63,7 @@ class AIM(nn.Module):
         self.topdown = FusedTopDownMask(channels, out_channels, depth=depth, temperature=temperature, target=target,
                                         mask_hidden_channels=mask_hidden_channels, use_reference=use_reference,
                                         sparse_eval=sparse_eval, initial_mask_logit=initial_mask_logit,
-                                        mask_topdown_context=mask_topdown_context)
+                                        mask_topdown_context=mask_topdown_context, pooling=pooling)
         # One classifier per top-down stage (on O_l), finest first like the stage dicts.
         self.stage_classifiers = nn.ModuleList([nn.Linear(out_channels, num_classes) for _ in range(self.topdown.depth)])
         self.classifier = nn.Linear(out_channels, num_classes)
@@ -81,7 +83,6 @@ class AIM(nn.Module):
             stage_logits = {name: clf(p) for clf, (name, p) in zip(self.stage_classifiers, pooled.items())}
             return AIMOutput(self.classifier(pooled_final), stage_logits, dict(masks))
         result = self.topdown.run(stages, pool_stage_outputs=True)
-        final = next(iter(result.features.values()))  # F_depth: the finest stage the pathway reached
-        logits = self.classifier(final.mean(dim=(2, 3)))
+        logits = self.classifier(self.topdown.pool_final(result.features, result.masks))
         stage_logits = {name: clf(pooled) for clf, (name, pooled) in zip(self.stage_classifiers, result.pooled_stage_outputs.items())}
         return AIMOutput(logits, stage_logits, dict(result.masks))

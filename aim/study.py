@@ -162,5 +162,9 @@ def summary_row(record):
     test = record["test"]
     epg = test.get("energy_pointing_game", {})
     masks = {k: v for k, v in epg.items() if k != "gradcam"}
+    leak = test.get("mask_area_leak", {})
+    decision = test.get("decision_audit") or {}
     return {"accuracy": test["accuracy"], "worst_group": test["worst_group_accuracy"], "epg_gradcam": epg.get("gradcam"),
-            "epg_masks": masks, "best_epoch": record["best_epoch"], "val_worst_group": record["val"]["worst_group_accuracy"]}
+            "epg_masks": masks, "best_epoch": record["best_epoch"], "val_worst_group": record["val"]["worst_group_accuracy"],
+            "decision_object": decision.get("object"), "decision_background": decision.get("background"),
+            "mask_leak": {stage: {k: v[k] for k in ("empty_share", "auc_class", "auc_background")} for stage, v in leak.items()}}

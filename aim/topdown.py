@@ -22,6 +22,7 @@ from aim_kernels.gumbel_binarize import draw_seed
 # mostly active: sigmoid(2.0) = 88% of positions pass the Gumbel threshold at initialization,
 # while the straight-through gradient sigmoid' (0.10 at logit 2) is still far from vanishing.
 INITIAL_MASK_LOGIT = 2.0
+POOLINGS = ("all", "active")
 
 
 def reference_gumbel_binarize(logits, temperature=1.0, *, training=True):
@@ -115,6 +116,11 @@ class FusedTopDownMask(nn.Module):
             (channels) with the nearest-upsampled F_l+1, so the coarser stages' decisions guide
             the finer masks; False: M_l reads S_l alone (the paper's pathway). The masks then
             need the feature maps, so ``pooled_outputs`` runs the pathway rather than skip them.
+        pooling: how the classifiers average a masked map: "all" (the paper's global average
+            over every position, zeros included: the mask's area scales the pooled features, so
+            the area can carry the class) or "active" (the mean over the active positions only:
+            of B_l for a stage's O_l, of the union of the upsampled masks for F_depth; an empty
+            mask pools to 0). The active count is a constant in the backward pass.
 
     Train mode samples Gumbel masks; eval mode thresholds the logits at 0. The masks of the last
     forward are kept (detached) in ``last_masks``; ``forward(x, return_masks=True)`` returns
@@ -123,7 +129,7 @@ class FusedTopDownMask(nn.Module):
 
     def __init__(self, in_channels_list, out_channels, depth=None, temperature=1.0, target=0.25,
                  mask_hidden_channels=128, use_reference=False, sparse_eval=True,
-                 initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=False):
+                 initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=False, pooling="all"):
         super().__init__()
         in_channels_list = list(in_channels_list)
         if not in_channels_list or not all(isinstance(c, int) and c > 0 for c in in_channels_list):
@@ -139,6 +145,9 @@ class FusedTopDownMask(nn.Module):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
             raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.pooling = pooling
         self.in_channels_list = in_channels_list
         self.out_channels = out_channels
         self.depth = depth
@@ -162,7 +171,7 @@ class FusedTopDownMask(nn.Module):
     def extra_repr(self):
         return (f"in_channels_list={self.in_channels_list}, out_channels={self.out_channels}, depth={self.depth}, "
                 f"temperature={self.temperature}, target={self.target}, use_reference={self.use_reference}, "
-                f"sparse_eval={self.sparse_eval}, mask_topdown_context={self.mask_topdown_context}")
+                f"sparse_eval={self.sparse_eval}, mask_topdown_context={self.mask_topdown_context}, pooling={self.pooling!r}")
 
     def forward(self, x, return_masks=False):
         result = self.run(x)
@@ -198,12 +207,12 @@ class FusedTopDownMask(nn.Module):
             features[run_names[i]] = prev
             masks[run_names[i]] = mask
             if pool_stage_outputs:
-                h, w = mask.shape[-2:]
+                divisor = self._pool_divisor([mask], mask.shape[-2:])
                 if sparse:  # the lateral map was never materialized: pool through the 1x1 conv
-                    pooled[run_names[i]] = _pooled_lateral(self.lateral[i], stage, mask / (h * w))
+                    pooled[run_names[i]] = _pooled_lateral(self.lateral[i], stage, mask / divisor[:, :, None, None])
                 else:
                     masked_sum = torch.bmm(lateral.flatten(2), mask.flatten(2).transpose(1, 2)).squeeze(2)
-                    pooled[run_names[i]] = masked_sum / (h * w)
+                    pooled[run_names[i]] = masked_sum / divisor
         return TopDownResult(
             _ordered(features, run_names), _ordered(masks, run_names), _ordered(pooled, run_names) if pool_stage_outputs else None
         )
@@ -221,23 +230,44 @@ class FusedTopDownMask(nn.Module):
         """
         if self.mask_topdown_context:  # the masks read F_l+1: the feature maps are needed anyway
             result = self.run(x, pool_stage_outputs=True)
-            return result.masks, result.pooled_stage_outputs, next(iter(result.features.values())).mean(dim=(2, 3))
+            return result.masks, result.pooled_stage_outputs, self.pool_final(result.features, result.masks)
         names = self._check_input(x)
         binarize = reference_gumbel_binarize if self.use_reference else aim_kernels.gumbel_binarize
         run_names = names[len(names) - self.depth:]
         final_size = x[run_names[0]].shape[-2:]
-        masks, pooled, pooled_final = {}, {}, 0
-        for i in range(self.depth):
-            stage = x[run_names[i]]
-            mask = binarize(self.mask_estimators[i](stage), self.temperature, training=self.training)
+        masks = [binarize(self.mask_estimators[i](x[name]), self.temperature, training=self.training)
+                 for i, name in enumerate(run_names)]
+        final_divisor = self._pool_divisor(masks, final_size)[:, :, None, None]
+        pooled, pooled_final = {}, 0
+        for i, (name, mask) in enumerate(zip(run_names, masks)):
+            stage = x[name]
             h, w = mask.shape[-2:]
-            masks[run_names[i]] = mask
-            pooled[run_names[i]] = _pooled_lateral(self.lateral[i], stage, mask / (h * w))
-            sizes = [x[name].shape[-2:] for name in reversed(run_names[:i])]  # the upsampling steps down to F_depth
+            pooled[name] = _pooled_lateral(self.lateral[i], stage, mask / self._pool_divisor([mask], (h, w))[:, :, None, None])
+            sizes = [x[n].shape[-2:] for n in reversed(run_names[:i])]  # the upsampling steps down to F_depth
             footprint = _footprint_counts((h, w), sizes).to(device=mask.device, dtype=mask.dtype)
-            weights = mask * (footprint / (final_size[0] * final_size[1]))
-            pooled_final = pooled_final + _pooled_lateral(self.lateral[i], stage, weights)
-        return _ordered(masks, run_names), _ordered(pooled, run_names), pooled_final
+            pooled_final = pooled_final + _pooled_lateral(self.lateral[i], stage, mask * footprint / final_divisor)
+        return _ordered(dict(zip(run_names, masks)), run_names), _ordered(pooled, run_names), pooled_final
+
+    def pool_final(self, features, masks):
+        """What the final classifier reads: the average of F_depth (the first of ``features``)
+        per ``pooling``, (N, out_channels)."""
+        final = next(iter(features.values()))
+        if self.pooling == "all":
+            return final.mean(dim=(2, 3))
+        return final.sum(dim=(2, 3)) / self._pool_divisor(list(masks.values()), final.shape[-2:])
+
+    def _pool_divisor(self, masks, size):
+        """(N, 1): the number of positions a map of ``size`` is averaged over. "all": every
+        position; "active": those where any of ``masks`` (nearest-upsampled to ``size``) is on,
+        at least 1 (an empty mask's map is 0 and pools to 0)."""
+        n = masks[0].shape[0]
+        if self.pooling == "all":
+            return masks[0].new_full((n, 1), float(size[0] * size[1]))
+        union = None
+        for mask in masks:
+            up = torch.nn.functional.interpolate(mask.detach(), size=tuple(size), mode="nearest") if tuple(mask.shape[-2:]) != tuple(size) else mask.detach()
+            union = up if union is None else torch.maximum(union, up)
+        return (union != 0).flatten(1).sum(1, keepdim=True).to(masks[0].dtype).clamp_min(1)
 
     def _mask_input(self, stage, prev):
         """What M_l reads: S_l, or with mask_topdown_context S_l and up(F_l+1) (the merge's upsampling)."""

@@ -28,6 +28,7 @@ from aim.data import SeededSampler
 from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights
 from aim.evaluate import evaluate, logits_of, mask_stage_names, selection_metric
 from aim.errors import UsageError
+from aim.topdown import POOLINGS
 
 CHECKPOINT_FORMAT = "aim-train-checkpoint-1"
 # A 4-stage SmallConvNet (aim.backbones) for toy data and tests, next to the torchvision names.
@@ -74,12 +75,15 @@ class TrainConfig:
     noise_off_epochs: int = 0       # AIM: the last N epochs train without Gumbel noise (masks thresholded)
     mask_topdown_context: bool = False  # AIM: finer mask estimators also read the upsampled coarser fused map
     per_image_mask_loss: bool = False   # AIM: mask loss on each image's active fraction, not the batch's
+    pooling: str = "all"            # AIM: classifiers average over all positions ("all") or the active ones ("active")
 
     def check(self):
         if self.model not in ("aim", "baseline"):
             raise UsageError(f"--model must be aim or baseline, got {self.model!r}")
         if self.backbone not in BACKBONE_NAMES + (SMALL_BACKBONE,):
             raise UsageError(f"--backbone must be one of {', '.join(BACKBONE_NAMES + (SMALL_BACKBONE,))}, got {self.backbone!r}")
+        if self.pooling not in POOLINGS:
+            raise UsageError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.amp not in AMP_DTYPES:
             raise UsageError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):
@@ -108,7 +112,8 @@ def build_model(config, num_classes):
     return aim.AIM(backbone, num_classes=num_classes, depth=config.depth, target=config.target,
                    out_channels=config.topdown_channels, mask_hidden_channels=config.mask_channels,
                    temperature=config.temperature, use_reference=config.use_reference,
-                   initial_mask_logit=config.initial_mask_logit, mask_topdown_context=config.mask_topdown_context)
+                   initial_mask_logit=config.initial_mask_logit, mask_topdown_context=config.mask_topdown_context,
+                   pooling=config.pooling)
 
 
 def build_run_backbone(config):
@@ -467,6 +472,14 @@ def _summary_line(row, epochs, best):
     parts.append(f"val acc {val['accuracy']:.3f}")
     if val["worst_group_accuracy"] is not None:
         parts.append(f"worst group {val['worst_group_accuracy']:.3f}")
+    leak = val.get("mask_area_leak")
+    if leak:
+        def auc(value):
+            return "-" if value is None else f"{value:.2f}"
+        parts.append("val empty " + "/".join(f"{v['empty_share']:.2f}" for v in leak.values())
+                     + " area AUC class " + "/".join(auc(v["auc_class"]) for v in leak.values()))
+    if val.get("decision_audit"):
+        parts.append(f"on object {val['decision_audit']['object']:.2f}")
     parts += [f"{row['train_images_per_s']:.0f} img/s", f"{row['time_s']:.0f} s", f"best epoch {best['epoch'] if best else '-'}"]
     return " | ".join(parts)
 

@@ -33,7 +33,8 @@ from aim.data.embedded import SHAPE_NAMES
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 RESULTS = os.path.join(HERE, "results")
-METRICS = ("accuracy", "worst_group", "epg_gradcam", "epg_mask_finest", "epg_mask_coarsest")
+METRICS = ("accuracy", "worst_group", "epg_gradcam", "epg_mask_finest", "epg_mask_coarsest", "decision_object",
+           "empty_max", "auc_class_extreme", "auc_background_extreme")
 
 
 def parse_overrides(items):
@@ -55,11 +56,21 @@ def parse_overrides(items):
     return overrides
 
 
+def _extreme(values):
+    """The value farthest from 0.5 (the stage whose mask area tells the most), None if none."""
+    values = [v for v in values if v is not None]
+    return max(values, key=lambda v: abs(v - 0.5)) if values else None
+
+
 def flat_metrics(row):
-    masks = row["epg_masks"]
+    masks, leak = row["epg_masks"], row.get("mask_leak", {}).values()
     return {"accuracy": row["accuracy"], "worst_group": row["worst_group"], "epg_gradcam": row["epg_gradcam"],
             "epg_mask_finest": next(iter(masks.values()), None),
-            "epg_mask_coarsest": list(masks.values())[-1] if masks else None}
+            "epg_mask_coarsest": list(masks.values())[-1] if masks else None,
+            "decision_object": row.get("decision_object"),
+            "empty_max": max((v["empty_share"] for v in leak), default=None),
+            "auc_class_extreme": _extreme(v["auc_class"] for v in leak),
+            "auc_background_extreme": _extreme(v["auc_background"] for v in leak)}
 
 
 def run_embedded(args, overrides, log):
@@ -123,9 +134,13 @@ def describe(record):
     if placement:
         kept = " kept obj/bg (conflict) " + " ".join(
             f"{k}:{v['conflict']['object_kept']:.2f}/{v['conflict']['background_kept']:.2f}" for k, v in placement.items())
+    leak = " ".join(f"{k}:empty {v['empty_share']:.3f} auc {v['auc_class']:.2f}/{v['auc_background']:.2f}"
+                    for k, v in s.get("mask_leak", {}).items())
+    decision = "" if s.get("decision_object") is None else f" on object {s['decision_object']:.3f}"
     return (f"{record['kind']:<8} seed {record['seed']} best epoch {s['best_epoch']}: val wg {s['val_worst_group']:.3f} | "
             f"test acc {s['accuracy']:.3f} wg {s['worst_group']:.3f} EPG gradcam {s['epg_gradcam']:.3f}"
-            + (f" masks {masks}" if masks else "") + kept + f" ({record['time_s']:.0f} s)")
+            + (f" masks {masks}" if masks else "") + kept + decision + (f" leak {leak}" if leak else "")
+            + f" ({record['time_s']:.0f} s)")
 
 
 def aggregate(records):
@@ -221,7 +236,7 @@ def main(argv=None):
         log(f"wrote {stem}.json, .csv, .png")
     for row in summary:
         log(f"{str(row['correlation']):>5} {row['model']:<8} " + " ".join(
-            f"{m} {row.get(m + '_mean', float('nan')):.3f}±{row.get(m + '_std', float('nan')):.3f}" for m in METRICS))
+            f"{m} {row[m + '_mean']:.3f}±{row[m + '_std']:.3f}" for m in METRICS if m + "_mean" in row))
 
 
 if __name__ == "__main__":
