@@ -103,11 +103,15 @@ def batches(split, batch_size, shuffle, generator=None):
         yield split.images[index], split.labels[index], index
 
 
-def save_waterbirds_layout(root, splits, image_format="jpg"):
+def save_waterbirds_layout(root, splits, image_format="jpg", class_names=CLASS_NAMES, foregrounds=None):
     """Write generated splits ({"train": ToySplit, "val": ..., "test": ...}) in the WaterBirds
     layout: images/<class>/<split>_<i>.<format>, metadata.csv (img_id, img_filename, y, split,
     place) and segmentations/<img_filename>.png holding each object's box as its foreground.
-    Returns the metadata rows."""
+    Returns the metadata rows.
+
+    class_names: the folder of each class under images/. foregrounds: {split: (N, H, W) uint8
+    tensor, nonzero on the object} written as the segmentations instead of the boxes (an
+    object's own silhouette, e.g. aim.data.photos)."""
     import csv
     import os
 
@@ -118,13 +122,16 @@ def save_waterbirds_layout(root, splits, image_format="jpg"):
 
     rows = []
     for split, data in splits.items():
-        foregrounds = boxes_to_foreground(data.boxes, tuple(data.images.shape[-2:]))
+        if foregrounds is None:
+            masks = boxes_to_foreground(data.boxes, tuple(data.images.shape[-2:]))
+        else:
+            masks = (foregrounds[split] > 0).to(torch.uint8)
         for i in range(len(data)):
-            name = f"images/{CLASS_NAMES[int(data.labels[i])]}/{split}_{i:05d}.{image_format}"
+            name = f"images/{class_names[int(data.labels[i])]}/{split}_{i:05d}.{image_format}"
             for folder in (root, os.path.join(root, "segmentations")):
                 os.makedirs(os.path.join(folder, os.path.dirname(name)), exist_ok=True)
             _to_pil(data.images[i]).save(os.path.join(root, name))
-            Image.fromarray((foregrounds[i] * 255).numpy()).save(os.path.join(root, "segmentations", name.rsplit(".", 1)[0] + ".png"))
+            Image.fromarray((masks[i] * 255).numpy()).save(os.path.join(root, "segmentations", name.rsplit(".", 1)[0] + ".png"))
             rows.append({"img_id": len(rows) + 1, "img_filename": name, "y": int(data.labels[i]), "split": SPLITS[split],
                          "place": int(data.backgrounds[i])})
     with open(os.path.join(root, "metadata.csv"), "w", newline="") as f:
