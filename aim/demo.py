@@ -77,8 +77,16 @@ def side_by_side(rows, uniform):
              f"{'worst-group accuracy':<34} {cell(rows['baseline']['worst_group']):>9} {cell(rows['aim']['worst_group']):>9}",
              f"{'EPG of GradCAM':<34} {cell(rows['baseline']['epg_gradcam']):>9} {cell(rows['aim']['epg_gradcam']):>9}"]
     lines += [f"{'EPG of mask, stage ' + s:<34} {'-':>9} {cell(rows['aim']['epg_masks'][s]):>9}" for s in stages]
+    for share in ("object", "background", "bias"):  # aim.audit.decision_shares, mean over test images
+        lines.append(f"{'decision on the ' + share:<34} {cell(rows['baseline']['decision_' + share]):>9} "
+                     f"{cell(rows['aim']['decision_' + share]):>9}")
+    for s, leak in rows["aim"]["mask_leak"].items():  # aim.audit.mask_area_leak
+        lines.append(f"{'mask ' + s + ': empty on':<34} {'-':>9} {cell(leak['empty_share']):>9}")
+        lines.append(f"{'mask ' + s + ': area AUC class / bg':<34} {'-':>9} {cell(leak['auc_class']) + ' / ' + cell(leak['auc_background']):>9}")
     lines.append(f"{'selected epoch':<34} {rows['baseline']['best_epoch']:>9} {rows['aim']['best_epoch']:>9}")
-    lines.append(f"(EPG of a map that keeps everything = object area / image area = {uniform:.3f})")
+    lines.append(f"(EPG of a map that keeps everything = object area / image area = {uniform:.3f}; decision shares: "
+                 "of |object| + |background| + |bias| in the margin over the runner-up; area AUC: how well a mask's "
+                 "active fraction alone tells the class / the background, 0.5 = not at all)")
     return "\n".join(lines)
 
 

@@ -1,17 +1,21 @@
 """``aim explain``: for each image, a PNG with the image, each top-down stage's binary mask
-overlaid, GradCAM (Captum, last backbone stage) for comparison, and the predicted class with
-its probability."""
+overlaid, the exact decision map (aim.audit: each pixel's share of the logit margin of the
+predicted class over the runner-up; the map plus the bias term sums to the margin), GradCAM
+(Captum, last backbone stage) for comparison, and the predicted class with its probability."""
 import os
 
 import torch
 import torch.nn.functional as F
 
+from aim import audit
 from aim.evaluate import gradcam, logits_of
 from aim.model import AIMOutput
 
 
 def explain_image(model, image, class_names):
-    """Prediction, masks and GradCAM of one normalized (3, S, S) image, maps at image size."""
+    """Prediction, masks, decision map and GradCAM of one normalized (3, S, S) image, maps at
+    image size. "decision" (S, S) sums with "bias" to "margin", the logit of the predicted class
+    minus that of "runner_up" (None, like the map, for a one-class head)."""
     batch = image.unsqueeze(0)
     with torch.no_grad():
         output = model(batch)
@@ -24,7 +28,14 @@ def explain_image(model, image, class_names):
     cam = gradcam(model, batch, torch.tensor([predicted], device=batch.device))
     cam = F.interpolate(cam.float(), size=size, mode="bilinear", align_corners=False)[0, 0]
     cam = cam / cam.max() if cam.max() > 0 else cam
-    return {"class": class_names[predicted], "probability": probabilities[predicted].item(), "masks": masks, "gradcam": cam}
+    explanation = {"class": class_names[predicted], "probability": probabilities[predicted].item(), "masks": masks,
+                   "gradcam": cam, "decision": None, "runner_up": None, "margin": None, "bias": None}
+    if len(class_names) >= 2:
+        decision = audit.decision_contributions(model, batch.float())
+        explanation.update(decision=audit.contributions_at(decision["contributions"], size)[0],
+                           runner_up=class_names[int(decision["runner_up"][0])],
+                           margin=decision["margin"][0].item(), bias=decision["bias"][0].item())
+    return explanation
 
 
 def save_explanation(image, explanation, path, title):
@@ -34,7 +45,8 @@ def save_explanation(image, explanation, path, title):
     import matplotlib.pyplot as plt
 
     picture = image.permute(1, 2, 0).cpu().numpy()
-    panels = 2 + len(explanation["masks"])
+    decision = explanation["decision"]
+    panels = 2 + len(explanation["masks"]) + (decision is not None)
     fig, axes = plt.subplots(1, panels, figsize=(2.6 * panels, 2.9))
     axes[0].imshow(picture)
     axes[0].set_title("image")
@@ -42,6 +54,14 @@ def save_explanation(image, explanation, path, title):
         keep = mask.cpu().numpy()[..., None]
         ax.imshow(picture * (0.2 + 0.8 * keep))  # dropped positions dimmed
         ax.set_title(f"mask, stage {name}\n{mask.mean().item():.0%} active", fontsize=9)
+    if decision is not None:
+        ax = axes[1 + len(explanation["masks"])]
+        values = decision.cpu().numpy()
+        limit = max(abs(values).max(), 1e-12)
+        ax.imshow(picture.mean(axis=2), cmap="gray", alpha=0.35)
+        ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=0.85)  # red: for the prediction
+        ax.set_title(f"decision vs {explanation['runner_up']}\nmargin {explanation['margin']:.2f} = "
+                     f"map {values.sum():.2f} + bias {explanation['bias']:.2f}", fontsize=8)
     axes[-1].imshow(picture)
     axes[-1].imshow(explanation["gradcam"].cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
     axes[-1].set_title("GradCAM (Captum)", fontsize=9)

@@ -167,4 +167,5 @@ def summary_row(record):
     return {"accuracy": test["accuracy"], "worst_group": test["worst_group_accuracy"], "epg_gradcam": epg.get("gradcam"),
             "epg_masks": masks, "best_epoch": record["best_epoch"], "val_worst_group": record["val"]["worst_group_accuracy"],
             "decision_object": decision.get("object"), "decision_background": decision.get("background"),
+            "decision_bias": decision.get("bias"),
             "mask_leak": {stage: {k: v[k] for k in ("empty_share", "auc_class", "auc_background")} for stage, v in leak.items()}}

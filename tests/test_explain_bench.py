@@ -54,6 +54,17 @@ def test_explanation_maps_match_the_model(trained):
         assert mask.shape == (32, 32) and mask.mean().item() == pytest.approx(out.masks[name].float().mean().item())
     cam = explanation["gradcam"]
     assert cam.shape == (32, 32) and cam.min() >= 0 and cam.max() <= 1
+    # The decision map is the exact audit: it sums with the bias to the logit margin over the
+    # runner-up (float32 sums of ~1000 terms: a few ulps of the margin), and it is 0 outside
+    # every mask.
+    top2 = out.logits[0].topk(2)
+    assert explanation["runner_up"] == checkpoint["class_names"][int(top2.indices[1])]
+    assert explanation["margin"] == pytest.approx((top2.values[0] - top2.values[1]).item(), abs=1e-5)
+    decision = explanation["decision"]
+    assert decision.shape == (32, 32)
+    assert decision.sum().item() + explanation["bias"] == pytest.approx(explanation["margin"], abs=1e-5)
+    outside = torch.stack(list(explanation["masks"].values())).amax(0) == 0
+    assert torch.all(decision[outside] == 0)
 
 
 def test_explain_unreadable_image_writes_nothing(trained, tmp_path, capsys):
