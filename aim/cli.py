@@ -33,8 +33,12 @@ def build_parser():
     train.add_argument("--warmup-epochs", type=int, default=0, help="epochs with masks fully on (tau 1) before annealing")
     train.add_argument("--select-annealed", action="store_true", help="AIM: select best.pt only among epochs at the target tau")
     train.add_argument("--noise-off-epochs", type=int, default=0, help="AIM: the last N epochs train without Gumbel noise")
-    train.add_argument("--mask-topdown-context", action="store_true", help="AIM: finer mask estimators also read the upsampled coarser fused map")
-    train.add_argument("--per-image-mask-loss", action="store_true", help="AIM: mask loss on each image's active fraction, not the batch's")
+    train.add_argument("--mask-topdown-context", action=argparse.BooleanOptionalAction, default=True,
+                       help="AIM: finer mask estimators also read the upsampled coarser fused map (default on; "
+                            "docs/masks_and_audit.md)")
+    train.add_argument("--per-image-mask-loss", action=argparse.BooleanOptionalAction, default=True,
+                       help="AIM: mask loss on each image's active fraction (default); --no-per-image-mask-loss: "
+                            "on the batch's, the paper's term, whose masks can encode the class in their area")
     train.add_argument("--pooling", choices=("all", "active"), default="all",
                        help="AIM: classifiers average the masked map over all positions or over the active ones only")
     train.add_argument("--epochs", type=int, default=30)

@@ -41,14 +41,15 @@ class AIM(nn.Module):
             active (masked_conv2d). Same masks as the dense path, bit for bit.
         initial_mask_logit: initial bias of the mask estimators' logits.
         mask_topdown_context: the finer mask estimators also read the upsampled coarser fused
-            map (``FusedTopDownMask``'s option of that name).
+            map (``FusedTopDownMask``'s option of that name). On by default: with the paper's
+            pathway (False) the finest mask's area encodes the class (docs/masks_and_audit.md).
         pooling: "all" or "active", how every classifier averages its masked map
             (``FusedTopDownMask``'s option of that name).
     """
 
     def __init__(self, backbone, num_classes, depth=2, target=0.25, out_channels=256, mask_hidden_channels=128,
                  temperature=1.0, weights=None, stage_channels=None, use_reference=False, sparse_eval=True,
-                 initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=False, pooling="all"):
+                 initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=True, pooling="all"):
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, weights=weights)

@@ -100,6 +100,11 @@ FINETUNE_DEFAULTS = dict(backbone=SMALL_BACKBONE, depth=2, target=0.25, topdown_
                          weight_decay=1e-4, workers=0, select_annealed=True)
 
 
+def recorded_settings(config):
+    """Every setting of a run's recipe (the TrainConfig fields but where it writes and reads)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "data", "segmentations")}
+
+
 def finetune(kind, weights, train, val, test, out, seed=0, threads=1, overrides=None, log=print):
     """Train ``kind`` ("aim" or "baseline") from ``weights`` in ``out`` (replaced), then evaluate
     its best.pt (val-selected) on ``test``. Returns a JSON-ready record."""
@@ -112,7 +117,7 @@ def finetune(kind, weights, train, val, test, out, seed=0, threads=1, overrides=
     checkpoint = load_checkpoint(os.path.join(out, "best.pt"))
     model = model_from_checkpoint(checkpoint)
     result = evaluate_test(model, test)
-    return {"kind": kind, "settings": settings, "seed": seed, "best_epoch": checkpoint["epoch"],
+    return {"kind": kind, "settings": recorded_settings(config), "seed": seed, "best_epoch": checkpoint["epoch"],
             "val": checkpoint["val"], "test": result, "time_s": time.perf_counter() - started,
             "val_curve": [{"epoch": row["epoch"], "worst_group": row["val"]["worst_group_accuracy"],
                            "accuracy": row["val"]["accuracy"], "tau": row["tau"],

@@ -200,7 +200,9 @@ class FusedTopDownMask(nn.Module):
             mask = binarize(self.mask_estimators[i](self._mask_input(stage, prev)), self.temperature,
                             training=self.training and self.gumbel_noise)
             if sparse:  # T_l only where the mask is active, fused with the merge
-                prev = masked_conv(stage, self.lateral[i].weight, self.lateral[i].bias, mask, prev)
+                # in the input's dtype, as autocast runs the dense path's conv (a custom op is not autocast)
+                weight, bias = self.lateral[i].weight.to(stage.dtype), self.lateral[i].bias.to(stage.dtype)
+                prev = masked_conv(stage, weight, bias, mask, prev)
             else:
                 lateral = self.lateral[i](stage)
                 prev = merge(lateral, mask, prev)

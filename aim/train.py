@@ -73,8 +73,8 @@ class TrainConfig:
     warmup_epochs: int = 0          # epochs at tau = 1 (masks fully on) before the annealing starts
     select_annealed: bool = False   # AIM: best.pt only among epochs trained at the target tau
     noise_off_epochs: int = 0       # AIM: the last N epochs train without Gumbel noise (masks thresholded)
-    mask_topdown_context: bool = False  # AIM: finer mask estimators also read the upsampled coarser fused map
-    per_image_mask_loss: bool = False   # AIM: mask loss on each image's active fraction, not the batch's
+    mask_topdown_context: bool = True   # AIM: finer mask estimators also read the upsampled coarser fused map
+    per_image_mask_loss: bool = True    # AIM: mask loss on each image's active fraction, not the batch's
     pooling: str = "all"            # AIM: classifiers average over all positions ("all") or the active ones ("active")
 
     def check(self):

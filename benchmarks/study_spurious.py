@@ -117,7 +117,7 @@ def run_folder(args, overrides, log):
                 fit(config, train, val, log=lambda *a: None)
                 checkpoint = load_checkpoint(os.path.join(out, "best.pt"))
                 result = evaluate(model_from_checkpoint(checkpoint), test, batch_size=settings["batch_size"])
-                record = {"kind": kind, "settings": settings, "seed": seed, "best_epoch": checkpoint["epoch"],
+                record = {"kind": kind, "settings": study.recorded_settings(config), "seed": seed, "best_epoch": checkpoint["epoch"],
                           "val": checkpoint["val"], "test": result, "time_s": time.perf_counter() - started,
                           "correlation": None, "data": args.data}
                 record["summary"] = study.summary_row(record)

@@ -113,10 +113,13 @@ def test_loss_is_cross_entropy_sum_plus_weighted_mask_loss():
     parts = aim.AIMLoss()(out, labels, tau=0.4)
     ce = nn.functional.cross_entropy
     expected_cls = ce(out.logits, labels) + sum(ce(l, labels) for l in out.stage_logits.values())
-    expected_mask = sum((m.mean() - 0.4) ** 2 for m in out.masks.values())
+    # default: each image's active fraction against tau, averaged over images, summed over stages
+    expected_mask = sum(((m.flatten(1).mean(1) - 0.4) ** 2).mean() for m in out.masks.values())
     torch.testing.assert_close(parts.classification, expected_cls)
     torch.testing.assert_close(parts.mask, expected_mask)
     torch.testing.assert_close(parts.total, expected_cls + 6.0 * expected_mask)
+    batch_term = aim.AIMLoss(per_image_mask_loss=False)(out, labels, tau=0.4).mask  # the paper's
+    torch.testing.assert_close(batch_term, sum((m.mean() - 0.4) ** 2 for m in out.masks.values()))
     parts.total.backward()
     for estimator in model.topdown.mask_estimators:
         assert estimator.to_logit.weight.grad.abs().sum() > 0  # through the straight-through masks

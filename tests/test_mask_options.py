@@ -76,17 +76,17 @@ def test_per_image_mask_loss_penalizes_each_images_fraction():
         per_image_mask_loss([mask], [0.5, 0.5])
 
 
-def test_aim_loss_uses_the_per_image_term_only_when_asked():
+def test_aim_loss_uses_the_per_image_term_by_default_and_the_batch_term_when_asked():
     torch.manual_seed(0)
     model = aim.AIM(SmallConvNet(), num_classes=2, out_channels=8, mask_hidden_channels=8, initial_mask_logit=0.0)
     out = model.train()(torch.rand(4, 3, 32, 32))
     labels = torch.tensor([0, 1, 0, 1])
     masks = list(out.masks.values())
-    assert torch.allclose(aim.AIMLoss()(out, labels, 0.3).mask, mask_loss(masks, 0.3))
-    assert torch.allclose(aim.AIMLoss(per_image_mask_loss=True)(out, labels, 0.3).mask, per_image_mask_loss(masks, 0.3))
+    assert torch.allclose(aim.AIMLoss()(out, labels, 0.3).mask, per_image_mask_loss(masks, 0.3))
+    assert torch.allclose(aim.AIMLoss(per_image_mask_loss=False)(out, labels, 0.3).mask, mask_loss(masks, 0.3))
 
 
 def test_train_config_plumbs_the_topdown_context():
-    config = TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8, mask_topdown_context=True)
-    assert build_model(config, 2).topdown.mask_topdown_context
-    assert not build_model(TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8), 2).topdown.mask_topdown_context
+    assert build_model(TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8), 2).topdown.mask_topdown_context
+    config = TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8, mask_topdown_context=False)
+    assert not build_model(config, 2).topdown.mask_topdown_context

@@ -46,12 +46,17 @@ def test_bf16_autocast_runs_the_model_in_bfloat16(waterbirds, tmp_path, monkeypa
     assert torch.isfinite(torch.tensor(row["loss"])) and 0 < row["mask_active_fraction"]["3"] <= 1
 
 
-def test_channels_last_keeps_the_layout_and_the_result(waterbirds, tmp_path, default_run):
-    checkpoint = _train(waterbirds, tmp_path, "--channels-last")
+def test_channels_last_keeps_the_layout_and_the_result(waterbirds, tmp_path):
+    # Same arithmetic in another summation order (4 AdamW steps). On the paper's pathway and
+    # mask loss: with the default top-down context and per-image loss the two runs' weights
+    # were measured up to 4e-3 apart (about 4 steps of lr 1e-3: AdamW's normalized steps turn
+    # rounding-level gradient differences into step-sized ones); the paper's recipe, 6e-5.
+    paper = ("--no-mask-topdown-context", "--no-per-image-mask-loss")
+    reference = _train(waterbirds, tmp_path / "contiguous", *paper)
+    checkpoint = _train(waterbirds, tmp_path / "channels_last", "--channels-last", *paper)
     weight = checkpoint["model"]["backbone.stages.1.0.weight"]
     assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
-    for key, value in default_run["model"].items():
-        # Same arithmetic in another summation order (4 AdamW steps).
+    for key, value in reference["model"].items():
         torch.testing.assert_close(checkpoint["model"][key], value, rtol=1e-3, atol=1e-4, msg=key)
 
 
