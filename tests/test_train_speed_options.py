@@ -47,10 +47,10 @@ def test_bf16_autocast_runs_the_model_in_bfloat16(waterbirds, tmp_path, monkeypa
 
 
 def test_channels_last_keeps_the_layout_and_the_result(waterbirds, tmp_path):
-    # Same arithmetic in another summation order (4 AdamW steps). On the paper's pathway and
-    # mask loss: with the default top-down context and per-image loss the two runs' weights
-    # were measured up to 4e-3 apart (about 4 steps of lr 1e-3: AdamW's normalized steps turn
-    # rounding-level gradient differences into step-sized ones); the paper's recipe, 6e-5.
+    # Same arithmetic in another summation order (4 AdamW steps), on the paper's pathway and
+    # mask loss: there the two layouts' weights were measured 6e-5 apart; with the default
+    # top-down context and per-image loss, up to 4e-3 (about 4 steps of lr 1e-3), a cause not
+    # established (a rounding-flipped mask bit, or AdamW's normalized steps of near-zero grads).
     paper = ("--no-mask-topdown-context", "--no-per-image-mask-loss")
     reference = _train(waterbirds, tmp_path / "contiguous", *paper)
     checkpoint = _train(waterbirds, tmp_path / "channels_last", "--channels-last", *paper)
