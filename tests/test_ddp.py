@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from aim.cli import main
+from aim.train import TrainConfig, build_model
 from test_train import TINY, read_log, wait_for_first_checkpoint
 from tiny_datasets import make_waterbirds
 
@@ -43,6 +44,18 @@ def finish(proc):
     return out
 
 
+def initial_weights(checkpoint):
+    """The weights a run's rank 0 started from (fit seeds torch with --seed plus the rank)."""
+    config = TrainConfig(**checkpoint["config"])
+    torch.manual_seed(config.seed)
+    return build_model(config, num_classes=2).state_dict()
+
+
+def distance(a, b):
+    """Euclidean distance between two state dicts' floating-point tensors."""
+    return sum(float((a[k].double() - b[k].double()).square().sum()) for k in b if b[k].is_floating_point()) ** 0.5
+
+
 def test_two_processes_equal_one_with_the_same_global_batch(waterbirds, tmp_path):
     args = ["train", "--data", waterbirds, "--model", "baseline", "--freeze-bn", "--epochs", "2", *TINY]
     out = finish(torchrun(*args, "--out", tmp_path / "ddp"))
@@ -50,11 +63,16 @@ def test_two_processes_equal_one_with_the_same_global_batch(waterbirds, tmp_path
     assert main([str(a) for a in args] + ["--out", str(tmp_path / "single")]) == 0
     ddp, single = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("ddp", "single"))
     assert len(ddp["rng"]) == 2 and len(single["rng"]) == 1
-    for key, value in single["model"].items():
-        # Float tolerance: the two ranks' gradients are summed in another order than one batch's.
-        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # Not element by element: the two ranks' gradients are summed in another order than one
+    # batch's (float32 noise ~1e-6 of the largest gradient), and AdamW divides each element's
+    # update by that element's own gradient scale, so an element whose gradient is at the noise
+    # floor moves by up to +-lr either way. Measured on 2-core CPUs: the two runs' weights differ
+    # by 0.3% of the distance training moved them; a run that differs in earnest (half the batch)
+    # differs by 100%.
+    moved = distance(single["model"], initial_weights(single))
+    assert distance(ddp["model"], single["model"]) < 0.02 * moved
     for a, b in zip(read_log(tmp_path / "ddp"), read_log(tmp_path / "single")):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)  # measured 3e-6 after the second epoch
         assert a["train_accuracy"] == b["train_accuracy"]  # reduced over ranks: every sample counted once
         assert a["val"]["group_accuracy"] == b["val"]["group_accuracy"]
 
