@@ -48,6 +48,10 @@ def build_parser():
     train.add_argument("--backbone-lr", type=float, default=None, help="learning rate of the backbone (default: --lr)")
     train.add_argument("--weight-decay", type=float, default=1e-4)
     train.add_argument("--image-size", type=int, default=224)
+    train.add_argument("--preprocessing", choices=("imagenet", "raw"), default="imagenet",
+                       help="imagenet: random resized crop + flip in training, resize + center crop in evaluation, "
+                            "ImageNet normalization (group_DRO's); raw: images as they are (--image-size square, values "
+                            "in [0, 1]), as `aim demo` trains on the embedded benchmark (`aim data embedded` writes it)")
     train.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")
@@ -92,11 +96,13 @@ def build_parser():
     demo.add_argument("--target", type=float, default=0.25, help="mask-annealing target (fraction of active entries)")
     demo.add_argument("--depth", type=int, default=2, help="top-down stages (AIM[depth, target])")
     demo.add_argument("--lr", type=float, default=5e-4, help="fine-tuning rate of the new layers")
-    demo.add_argument("--backbone-lr", type=float, default=0.0, help="fine-tuning rate of the pretrained backbone")
+    demo.add_argument("--backbone-lr", type=float, default=None,
+                      help="fine-tuning rate of the pretrained backbone (default: --lr, the whole network fine-tuned)")
     demo.add_argument("--batch-size", type=int, default=64)
     demo.add_argument("--train-size", type=int, default=2000)
     demo.add_argument("--val-size", type=int, default=400, help="balanced: a multiple of 4")
     demo.add_argument("--test-size", type=int, default=800, help="balanced: a multiple of 4")
+    demo.add_argument("--unseen-size", type=int, default=800, help="the unseen-scene test; balanced: a multiple of 4")
     demo.add_argument("--pretrain-size", type=int, default=8000, help="images of the unbiased pretraining set")
     demo.add_argument("--pretrain-epochs", type=int, default=12)
     demo.add_argument("--image-size", type=int, default=64)
@@ -104,6 +110,19 @@ def build_parser():
     # One thread by default: this model's ops are small, so on a 2-core machine shared with other
     # work a second intra-op thread mostly waits at barriers (measured 7x slower steps under load).
     demo.add_argument("--threads", type=int, default=1, help="torch intra-op CPU threads (0: torch's default)")
+
+    data = commands.add_parser("data", help="write a generated dataset to disk")
+    data_kinds = data.add_subparsers(dest="kind", required=True)
+    embedded = data_kinds.add_parser("embedded", help="the demo's task in the WaterBirds layout (metadata.csv, segmentations/, "
+                                                       "unseen_scenes/), the same images `aim demo` trains and tests on")
+    embedded.add_argument("--out", required=True, metavar="DIR", help="folder to write (replaced if it holds a metadata.csv)")
+    embedded.add_argument("--spurious-correlation", type=float, default=0.95, help="P(background == class) in training")
+    embedded.add_argument("--seed", type=int, default=0)
+    embedded.add_argument("--image-size", type=int, default=64)
+    embedded.add_argument("--train-size", type=int, default=2000)
+    embedded.add_argument("--val-size", type=int, default=400, help="balanced: a multiple of 4")
+    embedded.add_argument("--test-size", type=int, default=800, help="balanced: a multiple of 4")
+    embedded.add_argument("--unseen-size", type=int, default=800, help="the unseen-scene test; balanced: a multiple of 4")
 
     profile = commands.add_parser("profile", help="parameters and FLOPs AIM adds to a torchvision backbone")
     profile.add_argument("--backbone", default="convnext_tiny")
@@ -128,6 +147,8 @@ def main(argv=None):
             from aim.bench import command_bench as run
         elif args.command == "demo":
             from aim.demo import run_demo as run
+        elif args.command == "data":
+            from aim.study import command_data as run
         else:
             from aim.profiling import command_profile as run
         run(args)

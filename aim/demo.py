@@ -14,7 +14,7 @@ import torch.nn.functional as F
 def run_demo(args):
     import aim_kernels
     from aim import study
-    from aim.data.embedded import AREA_RANGE, BACKGROUND_NAMES, FINETUNE_SHAPES, SHAPE_NAMES, TEXTURES
+    from aim.data.embedded import AREA_RANGE, FINETUNE_CLASSES, PRETRAIN_SHAPES, SCENES, TEXTURES, UNSEEN_SCENES
     from aim.train import load_checkpoint, model_from_checkpoint
 
     if args.threads > 0:
@@ -23,19 +23,23 @@ def run_demo(args):
     os.makedirs(args.out, exist_ok=True)
     pretrain = study.PretrainSettings(image_size=args.image_size, train_size=args.pretrain_size, epochs=args.pretrain_epochs)
     task = study.TaskSettings(image_size=args.image_size, spurious_correlation=args.spurious_correlation,
-                              train_size=args.train_size, val_size=args.val_size, test_size=args.test_size, seed=args.seed)
+                              train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
+                              unseen_size=args.unseen_size, seed=args.seed)
+    classes = "; ".join(f"{name} = {' / '.join(shapes)}" for name, shapes in FINETUNE_CLASSES.items())
+    scenes = "; ".join(f"{name} = {' / '.join(families)}" for name, families in SCENES.items())
     print(f"embedded benchmark ({args.image_size}x{args.image_size}): pretraining on {pretrain.train_size} images of "
-          f"{len(SHAPE_NAMES)} shapes on {len(TEXTURES)} texture families, class and background independent; "
-          f"fine-tuning task {' vs '.join(FINETUNE_SHAPES)} on {' / '.join(BACKGROUND_NAMES)}, background = class in "
-          f"{args.spurious_correlation:.0%} of {task.train_size} training images, val ({task.val_size}) and test "
-          f"({task.test_size}) balanced over the 4 groups; object area {AREA_RANGE[0]:.0%}-{AREA_RANGE[1]:.0%} of the "
-          f"image and colour random, independent of the class")
+          f"{len(PRETRAIN_SHAPES)} shapes on {len(TEXTURES)} texture families, class and background independent; "
+          f"fine-tuning classes of sub-shapes pretraining never showed ({classes}) on scene families ({scenes}), "
+          f"background = class in {args.spurious_correlation:.0%} of {task.train_size} training images, val "
+          f"({task.val_size}) and test ({task.test_size}) balanced over the 4 groups, unseen-scene test ({task.unseen_size}) "
+          f"on {' / '.join(UNSEEN_SCENES)}; object area {AREA_RANGE[0]:.0%}-{AREA_RANGE[1]:.0%} of the image and "
+          f"colour random, independent of the class")
     print(f"ops: {'reference (plain PyTorch)' if args.reference else 'fused'}; aim_kernels backends: "
           + ", ".join(k for k, v in aim_kernels.backends().items() if v["available"]))
     weights, trained, pretrain_accuracy = study.pretrained_backbone(pretrain, threads=args.threads)
     print(f"pretrained backbone ({'trained now' if trained else 'from the cache'}): {weights}, "
-          f"val accuracy {pretrain_accuracy:.3f} over {len(SHAPE_NAMES)} shapes")
-    train, val, test = study.task_splits(task)
+          f"val accuracy {pretrain_accuracy:.3f} over {len(PRETRAIN_SHAPES)} shapes")
+    train, val, test, unseen = study.task_splits(task)
     overrides = {"epochs": args.epochs, "anneal_epochs": args.anneal_epochs, "target": args.target, "depth": args.depth,
                  "lr": args.lr, "backbone_lr": args.backbone_lr, "batch_size": args.batch_size,
                  "use_reference": args.reference}
@@ -44,7 +48,7 @@ def run_demo(args):
         run = os.path.join(args.out, kind)
         print(f"fine-tuning {kind} in {run}")
         records[kind] = study.finetune(kind, weights, train, val, test, run, seed=args.seed, threads=args.threads,
-                                       overrides=overrides)
+                                       overrides=overrides, unseen=unseen)
         models[kind] = model_from_checkpoint(load_checkpoint(os.path.join(run, "best.pt")))
     rows = {kind: study.summary_row(record) for kind, record in records.items()}
     uniform = test.foregrounds.flatten(1).float().mean(1).mean().item()
@@ -73,8 +77,11 @@ def side_by_side(rows, uniform):
 
     stages = list(rows["aim"]["epg_masks"])
     lines = [f"{'test (val-selected epoch)':<34} {'baseline':>9} {'AIM':>9}",
-             f"{'average accuracy':<34} {cell(rows['baseline']['accuracy']):>9} {cell(rows['aim']['accuracy']):>9}",
+             f"{'average accuracy (train-weighted)':<34} {cell(rows['baseline']['weighted_accuracy']):>9} "
+             f"{cell(rows['aim']['weighted_accuracy']):>9}",
+             f"{'mean-group accuracy':<34} {cell(rows['baseline']['accuracy']):>9} {cell(rows['aim']['accuracy']):>9}",
              f"{'worst-group accuracy':<34} {cell(rows['baseline']['worst_group']):>9} {cell(rows['aim']['worst_group']):>9}",
+             f"{'unseen scenes: accuracy':<34} {cell(rows['baseline']['unseen_accuracy']):>9} {cell(rows['aim']['unseen_accuracy']):>9}",
              f"{'EPG of GradCAM':<34} {cell(rows['baseline']['epg_gradcam']):>9} {cell(rows['aim']['epg_gradcam']):>9}"]
     lines += [f"{'EPG of mask, stage ' + s:<34} {'-':>9} {cell(rows['aim']['epg_masks'][s]):>9}" for s in stages]
     for share in ("object", "background", "bias"):  # aim.audit.decision_shares, mean over test images

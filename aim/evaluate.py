@@ -75,12 +75,29 @@ class _Sums:
 
 
 @torch.no_grad()
+def group_counts(dataset):
+    """Images per group of a split (the training split's: the weights of weighted accuracy), or
+    None for layouts without groups."""
+    return torch.bincount(dataset.groups, minlength=dataset.num_groups).tolist() if dataset.has_groups else None
+
+
+def weighted_accuracy(group_accuracy, weights):
+    """The group accuracies weighted by ``weights`` (the training split's group counts), as DFR and
+    JTT report WaterBirds' average accuracy: the accuracy under the training distribution of
+    groups, from a test split balanced over groups."""
+    pairs = [(a, w) for a, w in zip(group_accuracy, weights) if a is not None and w > 0]
+    total = sum(w for _, w in pairs)
+    return sum(a * w for a, w in pairs) / total if total else None
+
+
 def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=None, channels_last=False,
-             with_gradcam=True, with_audit=True, rank=0, world_size=1):
+             with_gradcam=True, with_audit=True, rank=0, world_size=1, group_weights=None):
     """Metrics of ``model`` on ``dataset`` (an :class:`aim.data.SampleDataset`) as a JSON-ready dict.
 
     Keys: num_samples, accuracy, class_accuracy, group_accuracy / worst_group_accuracy /
-    mean_group_accuracy (None for layouts without groups), mask_active_fraction {stage} and
+    mean_group_accuracy (None for layouts without groups), weighted_accuracy (the group accuracies
+    weighted by ``group_weights``, the training split's group counts; None without them or
+    groups), mask_active_fraction {stage} and
     mask_area_leak {stage: aim.audit.mask_area_leak's entry} (AIM), energy_pointing_game
     {stage..., "gradcam"} and foreground_images (datasets with foregrounds; GradCAM only with
     ``with_gradcam``), decision_audit (datasets with foregrounds, ``with_audit``, two classes
@@ -132,7 +149,7 @@ def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=N
     finally:
         model.train(was_training)
     # Every rank must reduce the same keys, also one whose shard was empty and saw no masks.
-    return _finalize(sums, dataset, mask_stage_names(model), device, with_gradcam, world_size)
+    return _finalize(sums, dataset, mask_stage_names(model), device, with_gradcam, world_size, group_weights)
 
 
 def _per_image_reports(per_image, dataset, stages):
@@ -170,7 +187,7 @@ def mask_stage_names(model):
     return [str(i) for i in range(count - model.depth, count)]
 
 
-def _finalize(sums, dataset, stages, device, with_gradcam, world_size):
+def _finalize(sums, dataset, stages, device, with_gradcam, world_size, group_weights):
     for name in stages:
         sums.add(f"active/{name}", 0.0)
         if dataset.has_foregrounds:
@@ -189,9 +206,10 @@ def _finalize(sums, dataset, stages, device, with_gradcam, world_size):
     if dataset.has_groups:
         per_group = _ratios(v["group_correct"], v["group_seen"])
         present = [a for a in per_group if a is not None]
-        result.update(group_accuracy=per_group, worst_group_accuracy=min(present), mean_group_accuracy=sum(present) / len(present))
+        result.update(group_accuracy=per_group, worst_group_accuracy=min(present), mean_group_accuracy=sum(present) / len(present),
+                      weighted_accuracy=None if group_weights is None else weighted_accuracy(per_group, group_weights))
     else:
-        result.update(group_accuracy=None, worst_group_accuracy=None, mean_group_accuracy=None)
+        result.update(group_accuracy=None, worst_group_accuracy=None, mean_group_accuracy=None, weighted_accuracy=None)
     if stages:
         result["mask_active_fraction"] = {name: v[f"active/{name}"] / seen for name in stages}
     if dataset.has_foregrounds:
@@ -220,6 +238,8 @@ def format_table(result, class_names, group_names):
     if result["group_accuracy"] is not None:
         lines.append(f"{'worst-group accuracy':<28} {result['worst_group_accuracy']:.4f}")
         lines.append(f"{'mean-group accuracy':<28} {result['mean_group_accuracy']:.4f}")
+        if result.get("weighted_accuracy") is not None:
+            lines.append(f"{'weighted accuracy':<28} {result['weighted_accuracy']:.4f} (groups weighted as in training)")
         lines += [f"  group {i} {name:<18} {_num(a)}" for i, (name, a) in enumerate(zip(group_names, result["group_accuracy"]))]
     else:
         lines += [f"  class {i} {name:<18} {_num(a)}" for i, (name, a) in enumerate(zip(class_names, result["class_accuracy"]))]
@@ -260,12 +280,12 @@ def command_eval(args):
     checkpoint = load_checkpoint(args.checkpoint)
     config = checkpoint["config"]
     dataset = open_split(args.data, args.split, config["image_size"], segmentations=args.segmentations,
-                         check_threads=max(1, args.workers))
+                         check_threads=max(1, args.workers), preprocessing=config.get("preprocessing", "imagenet"))
     if dataset.class_names != checkpoint["class_names"]:
         raise UsageError(f"{args.data}: classes {dataset.class_names[:5]} differ from the checkpoint's {checkpoint['class_names'][:5]}")
     model = model_from_checkpoint(checkpoint, args.device)
     result = evaluate(model, dataset, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                      with_gradcam=not args.no_gradcam)
+                      with_gradcam=not args.no_gradcam, group_weights=checkpoint.get("train_group_counts"))
     result = {"checkpoint": args.checkpoint, "epoch": checkpoint["epoch"], "split": args.split, "model": config["model"], **result}
     print(f"{config['model']} ({config['backbone']}) epoch {checkpoint['epoch']} on {args.data} {args.split}")
     print(format_table(result, dataset.class_names, dataset.group_names))

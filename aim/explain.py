@@ -75,17 +75,22 @@ def save_explanation(image, explanation, path, title):
 
 def command_explain(args):
     from aim.data import DataError
-    from aim.data.transforms import denormalize, eval_transform, load_image
+    from aim.data.transforms import denormalize, load_image, transform_for
     from aim.train import load_checkpoint, model_from_checkpoint
 
     checkpoint = load_checkpoint(args.checkpoint)
-    transform = eval_transform(checkpoint["config"]["image_size"])
+    preprocessing = checkpoint["config"].get("preprocessing", "imagenet")
+    transform = transform_for(preprocessing, checkpoint["config"]["image_size"])
     images = []
     for path in args.images:  # every image read before anything is written
         try:
             images.append(transform(load_image(path)))
         except (OSError, ValueError) as error:
             raise DataError(f"{path}: cannot be read as an image ({str(error).splitlines()[0]})") from None
+        size = checkpoint["config"]["image_size"]
+        if preprocessing == "raw" and tuple(images[-1].shape[-2:]) != (size, size):
+            raise DataError(f"{path}: the image is {images[-1].shape[-1]}x{images[-1].shape[-2]}; the model was trained with "
+                            f"preprocessing 'raw', which uses images as they are, at {size}x{size}")
     model = model_from_checkpoint(checkpoint, args.device)
     os.makedirs(args.out, exist_ok=True)
     used = set()
@@ -99,5 +104,6 @@ def command_explain(args):
         explanation = explain_image(model, image.to(args.device), checkpoint["class_names"])
         out = os.path.join(args.out, name + ".png")
         title = f"{os.path.basename(path)}: {explanation['class']} ({explanation['probability']:.0%})"
-        save_explanation(denormalize(image.unsqueeze(0))[0], explanation, out, title)
+        shown = image if preprocessing == "raw" else denormalize(image.unsqueeze(0))[0]
+        save_explanation(shown, explanation, out, title)
         print(f"{path}: {explanation['class']} {explanation['probability']:.3f} -> {out}")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from aim.train import SMALL_BACKBONE, TrainConfig, fit, load_checkpoint, model_from_checkpoint
 
 # Bump when the generator or the pretraining recipe changes: cached backbones are then retrained.
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -43,7 +43,8 @@ class TaskSettings:
     val_size: int = 400    # balanced: a quarter per group
     test_size: int = 800   # balanced
     seed: int = 0          # data seed (each split derives its own)
-    shapes: tuple = None   # the two classes (None: aim.data.embedded.FINETUNE_SHAPES)
+    unseen_size: int = 800  # the unseen-scene test (TravelingBirds), balanced
+    classes: dict = None   # {class: sub-shapes} (None: aim.data.embedded.FINETUNE_CLASSES)
     area_range: tuple = None  # object area / image area (None: aim.data.embedded.AREA_RANGE)
 
 
@@ -71,7 +72,7 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
     shutil.rmtree(run, ignore_errors=True)
     config = TrainConfig(out=run, model="baseline", backbone=SMALL_BACKBONE, epochs=settings.epochs,
                          anneal_epochs=0, batch_size=settings.batch_size, lr=settings.lr,
-                         image_size=settings.image_size, workers=0, seed=settings.seed, threads=threads)
+                         image_size=settings.image_size, preprocessing="raw", workers=0, seed=settings.seed, threads=threads)
     log(f"pretraining SmallConvNet on {len(train)} unbiased images ({len(train.class_names)} shapes on "
         f"{len(train.background_names)} texture families), {settings.epochs} epochs; cached as {path}")
     fit(config, train.as_dataset(), val.as_dataset(), log=log)
@@ -81,23 +82,68 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
 
 
 def task_splits(settings):
-    """(train, val, test) :class:`aim.data.embedded.EmbeddedSplit` of the biased task."""
-    from aim.data.embedded import AREA_RANGE, FINETUNE_SHAPES, make_spurious_split
+    """(train, val, test, unseen-scene test) :class:`aim.data.embedded.EmbeddedSplit` of the biased task."""
+    from aim.data.embedded import AREA_RANGE, FINETUNE_CLASSES, make_spurious_split, make_unseen_scene_split
 
     base = settings.seed * 1000
-    objects = dict(shapes=settings.shapes or FINETUNE_SHAPES, area_range=settings.area_range or AREA_RANGE)
+    objects = dict(classes=settings.classes or FINETUNE_CLASSES, area_range=settings.area_range or AREA_RANGE)
     train = make_spurious_split(settings.train_size, settings.image_size, settings.spurious_correlation, seed=base + 11, **objects)
     val = make_spurious_split(settings.val_size, settings.image_size, seed=base + 12, balanced=True, **objects)
     test = make_spurious_split(settings.test_size, settings.image_size, seed=base + 13, balanced=True, **objects)
-    return train, val, test
+    unseen = make_unseen_scene_split(settings.unseen_size, settings.image_size, seed=base + 14, **objects)
+    return train, val, test, unseen
 
 
-# The fine-tuning recipe for both models, chosen on val worst-group accuracy (README, "What makes it
-# work"): the pretrained backbone's weights fixed (its BatchNorm statistics still adapt), the new
-# layers at 5e-4. AIM-only settings are ignored by the baseline.
+def write_task(root, settings):
+    """Write the task of ``settings`` (the splits :func:`task_splits` makes, so the same data the demo
+    and the study train and test on) in the WaterBirds layout: root/metadata.csv (with class_name
+    and place_name columns), root/images/<class>/<split>_<i>.png, root/segmentations/ (each
+    object's exact mask), and the unseen-scene test as its own WaterBirds folder
+    root/unseen_scenes/ (test split only). Images are PNG at their 8 bits: they read back equal."""
+    from aim.data.toy import save_waterbirds_layout
+
+    train, val, test, unseen = task_splits(settings)
+    layouts = ((root, {"train": train, "val": val, "test": test}), (os.path.join(root, "unseen_scenes"), {"test": unseen}))
+    for folder, splits in layouts:
+        names = next(iter(splits.values()))
+        save_waterbirds_layout(folder, splits, "png", class_names=names.class_names, place_names=names.background_names,
+                               foregrounds={split: data.foregrounds[:, 0] for split, data in splits.items()})
+    return {"train": train, "val": val, "test": test, "unseen_scenes/test": unseen}
+
+
+def command_data(args):
+    """``aim data embedded``: :func:`write_task` into --out (replaced if it holds a metadata.csv)."""
+    from aim.errors import UsageError
+
+    if os.path.isfile(os.path.join(args.out, "metadata.csv")):
+        shutil.rmtree(args.out)
+    elif os.path.isdir(args.out) and os.listdir(args.out):
+        raise UsageError(f"--out {args.out}: not empty and holds no metadata.csv; not replacing it")
+    settings = TaskSettings(image_size=args.image_size, spurious_correlation=args.spurious_correlation,
+                            train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
+                            unseen_size=args.unseen_size, seed=args.seed)
+    try:
+        splits = write_task(args.out, settings)
+    except ValueError as error:  # the generator's argument checks
+        raise UsageError(str(error)) from None
+    print(f"wrote the embedded task (seed {args.seed}, background = class in {args.spurious_correlation:.0%} of training "
+          f"images) to {args.out} in the WaterBirds layout, {args.image_size}x{args.image_size} PNG")
+    for name, split in splits.items():
+        counts = torch.bincount(split.groups, minlength=4).tolist()
+        groups = ", ".join(f"{c}/{b} {counts[2 * i + j]}" for i, c in enumerate(split.class_names)
+                           for j, b in enumerate(split.background_names))
+        print(f"  {name}: {groups}")
+    print(f"train on it with: aim train --data {args.out} --preprocessing raw --image-size {args.image_size} "
+          f"--segmentations {os.path.join(args.out, 'segmentations')} ...")
+
+
+# The fine-tuning recipe for both models: the whole network fine-tuned, as the paper and WaterBirds'
+# baselines do (backbone_lr None: the backbone at lr too), the generated tensors used as they are
+# (preprocessing "raw", recorded so `aim eval` reads the files of `aim data embedded` the same way).
+# AIM-only settings are ignored by the baseline.
 FINETUNE_DEFAULTS = dict(backbone=SMALL_BACKBONE, depth=2, target=0.25, topdown_channels=64, mask_channels=32,
-                         temperature=1.0, epochs=12, anneal_epochs=6, batch_size=64, lr=5e-4, backbone_lr=0.0,
-                         weight_decay=1e-4, workers=0, select_annealed=True)
+                         temperature=1.0, epochs=12, anneal_epochs=6, batch_size=64, lr=5e-4, backbone_lr=None,
+                         weight_decay=1e-4, workers=0, select_annealed=True, preprocessing="raw")
 
 
 def recorded_settings(config):
@@ -105,9 +151,10 @@ def recorded_settings(config):
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "data", "segmentations")}
 
 
-def finetune(kind, weights, train, val, test, out, seed=0, threads=1, overrides=None, log=print):
+def finetune(kind, weights, train, val, test, out, seed=0, threads=1, overrides=None, log=print, unseen=None):
     """Train ``kind`` ("aim" or "baseline") from ``weights`` in ``out`` (replaced), then evaluate
-    its best.pt (val-selected) on ``test``. Returns a JSON-ready record."""
+    its best.pt (val-selected) on ``test`` (and on ``unseen``, the unseen-scene split, if given).
+    Returns a JSON-ready record."""
     settings = {**FINETUNE_DEFAULTS, **(overrides or {})}
     shutil.rmtree(out, ignore_errors=True)
     config = TrainConfig(out=out, model=kind, weights=weights, image_size=train.images.shape[-1], seed=seed,
@@ -116,7 +163,10 @@ def finetune(kind, weights, train, val, test, out, seed=0, threads=1, overrides=
     _, history = fit(config, train.as_dataset(), val.as_dataset(), log=log)
     checkpoint = load_checkpoint(os.path.join(out, "best.pt"))
     model = model_from_checkpoint(checkpoint)
-    result = evaluate_test(model, test)
+    weights_of_groups = checkpoint["train_group_counts"]
+    result = evaluate_test(model, test, group_weights=weights_of_groups)
+    if unseen is not None:
+        result["unseen_scenes"] = evaluate_test(model, unseen)
     return {"kind": kind, "settings": recorded_settings(config), "seed": seed, "best_epoch": checkpoint["epoch"],
             "val": checkpoint["val"], "test": result, "time_s": time.perf_counter() - started,
             "val_curve": [{"epoch": row["epoch"], "worst_group": row["val"]["worst_group_accuracy"],
@@ -125,11 +175,11 @@ def finetune(kind, weights, train, val, test, out, seed=0, threads=1, overrides=
                            "epg": row["val"].get("energy_pointing_game")} for row in history]}
 
 
-def evaluate_test(model, split, batch_size=100):
+def evaluate_test(model, split, batch_size=100, group_weights=None):
     """aim.evaluate metrics on ``split`` (GradCAM included) plus, for AIM, :func:`mask_placement`."""
     from aim.evaluate import evaluate
 
-    result = evaluate(model, split.as_dataset(), batch_size=batch_size)
+    result = evaluate(model, split.as_dataset(), batch_size=batch_size, group_weights=group_weights)
     if hasattr(model, "topdown"):
         result["mask_placement"] = mask_placement(model, split, batch_size)
     return result
@@ -169,7 +219,11 @@ def summary_row(record):
     masks = {k: v for k, v in epg.items() if k != "gradcam"}
     leak = test.get("mask_area_leak", {})
     decision = test.get("decision_audit") or {}
-    return {"accuracy": test["accuracy"], "worst_group": test["worst_group_accuracy"], "epg_gradcam": epg.get("gradcam"),
+    unseen = test.get("unseen_scenes")
+    return {"accuracy": test["accuracy"], "weighted_accuracy": test.get("weighted_accuracy"),
+            "worst_group": test["worst_group_accuracy"], "epg_gradcam": epg.get("gradcam"),
+            "unseen_accuracy": unseen["accuracy"] if unseen else None,
+            "unseen_worst_group": unseen["worst_group_accuracy"] if unseen else None,
             "epg_masks": masks, "best_epoch": record["best_epoch"], "val_worst_group": record["val"]["worst_group_accuracy"],
             "decision_object": decision.get("object"), "decision_background": decision.get("background"),
             "decision_bias": decision.get("bias"),

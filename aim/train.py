@@ -26,7 +26,8 @@ import aim
 from aim import metrics
 from aim.data import SeededSampler
 from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights
-from aim.evaluate import evaluate, logits_of, mask_stage_names, selection_metric
+from aim.data.transforms import PREPROCESSINGS
+from aim.evaluate import evaluate, group_counts, logits_of, mask_stage_names, selection_metric
 from aim.errors import UsageError
 from aim.topdown import POOLINGS
 
@@ -58,6 +59,7 @@ class TrainConfig:
     backbone_lr: float = None       # None: lr
     weight_decay: float = 1e-4
     image_size: int = 224
+    preprocessing: str = "imagenet"  # aim.data.transforms.PREPROCESSINGS; aim eval/explain apply it again
     workers: int = 4
     seed: int = 0
     device: str = "cpu"
@@ -84,6 +86,8 @@ class TrainConfig:
             raise UsageError(f"--backbone must be one of {', '.join(BACKBONE_NAMES + (SMALL_BACKBONE,))}, got {self.backbone!r}")
         if self.pooling not in POOLINGS:
             raise UsageError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.preprocessing not in PREPROCESSINGS:
+            raise UsageError(f"--preprocessing must be one of {', '.join(PREPROCESSINGS)}, got {self.preprocessing!r}")
         if self.amp not in AMP_DTYPES:
             raise UsageError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):
@@ -400,7 +404,7 @@ def _fit(config, train_set, val_set, resume, ranks, log):
         train_time = time.perf_counter() - started
         val = evaluate(model, val_set, batch_size=per_rank_batch, workers=config.workers, device=device,
                        amp_dtype=amp_dtype, channels_last=config.channels_last, with_gradcam=False,
-                       rank=ranks.rank, world_size=ranks.world_size)
+                       rank=ranks.rank, world_size=ranks.world_size, group_weights=group_counts(train_set))
         row = {"epoch": epoch + 1, "loss": totals[0] / seen, "train_accuracy": totals[1] / seen, "lr": lrs,
                "tau": tau if is_aim else None,
                "mask_active_fraction": dict(zip(mask_stage_names(raw_model), [a / seen for a in totals[3:]])) if is_aim else None,
@@ -452,7 +456,8 @@ def _write_epoch(config, model, optimizer, scheduler, scaler, history, best, imp
         f.write(json.dumps(history[-1]) + "\n")
     checkpoint = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "model": model.state_dict(),
                   "epoch": len(history), "class_names": train_set.class_names, "group_names": train_set.group_names,
-                  "has_groups": train_set.has_groups, "val": history[-1]["val"]}
+                  "has_groups": train_set.has_groups, "val": history[-1]["val"],
+                  "train_group_counts": group_counts(train_set)}
     if improved:
         atomic_write(os.path.join(config.out, "best.pt"), lambda tmp: torch.save(checkpoint, tmp))
     checkpoint.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
@@ -493,8 +498,10 @@ def command_train(args):
     if config.weights != "none":
         build_run_backbone(config)  # a download that cannot happen, or a file that does not fit, fails now
     threads = max(1, config.workers)
-    train_set = open_split(config.data, "train", config.image_size, augment=True, check_threads=threads)
-    val_set = open_split(config.data, "val", config.image_size, segmentations=config.segmentations, check_threads=threads)
+    train_set = open_split(config.data, "train", config.image_size, augment=True, check_threads=threads,
+                           preprocessing=config.preprocessing)
+    val_set = open_split(config.data, "val", config.image_size, segmentations=config.segmentations, check_threads=threads,
+                         preprocessing=config.preprocessing)
     if val_set.class_names != train_set.class_names:
         raise UsageError(f"{config.data}: the val split's classes differ from the train split's")
     if os.environ.get("RANK", "0") == "0":

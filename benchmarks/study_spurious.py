@@ -28,12 +28,12 @@ import time
 import torch
 
 from aim import study
-from aim.data.embedded import SHAPE_NAMES
+from aim.data.embedded import FINETUNE_CLASSES, PRETRAIN_SHAPES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 RESULTS = os.path.join(HERE, "results")
-METRICS = ("accuracy", "worst_group", "epg_gradcam", "epg_mask_finest", "epg_mask_coarsest", "decision_object",
+METRICS = ("weighted_accuracy", "accuracy", "worst_group", "unseen_accuracy", "epg_gradcam", "epg_mask_finest", "epg_mask_coarsest", "decision_object",
            "empty_max", "auc_class_extreme", "auc_background_extreme")
 
 
@@ -56,6 +56,14 @@ def parse_overrides(items):
     return overrides
 
 
+def parse_class(text):
+    """NAME=SHAPE[,SHAPE...] -> (name, shapes)."""
+    name, sep, shapes = text.partition("=")
+    if not sep or not name or not shapes:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SHAPE[,SHAPE...]")
+    return name, tuple(shapes.split(","))
+
+
 def _extreme(values):
     """The value farthest from 0.5 (the stage whose mask area tells the most), None if none."""
     values = [v for v in values if v is not None]
@@ -64,7 +72,8 @@ def _extreme(values):
 
 def flat_metrics(row):
     masks, leak = row["epg_masks"], row.get("mask_leak", {}).values()
-    return {"accuracy": row["accuracy"], "worst_group": row["worst_group"], "epg_gradcam": row["epg_gradcam"],
+    return {"weighted_accuracy": row.get("weighted_accuracy"), "accuracy": row["accuracy"], "worst_group": row["worst_group"],
+            "unseen_accuracy": row.get("unseen_accuracy"), "epg_gradcam": row["epg_gradcam"],
             "epg_mask_finest": next(iter(masks.values()), None),
             "epg_mask_coarsest": list(masks.values())[-1] if masks else None,
             "decision_object": row.get("decision_object"),
@@ -77,19 +86,19 @@ def run_embedded(args, overrides, log):
     pretrain = study.PretrainSettings(image_size=args.image_size, seed=0)
     weights, trained, pretrain_acc = study.pretrained_backbone(pretrain, threads=args.threads, log=log)
     log(f"pretrained backbone: {weights} ({'trained now' if trained else 'from the cache'}), "
-        f"val accuracy {pretrain_acc:.3f} over {len(SHAPE_NAMES)} shapes")
+        f"val accuracy {pretrain_acc:.3f} over {len(PRETRAIN_SHAPES)} shapes")
     records = []
     with tempfile.TemporaryDirectory(prefix="aim_study_") as tmp:
         for correlation in args.correlations:
             for seed in args.seeds:
                 task = study.TaskSettings(image_size=args.image_size, spurious_correlation=correlation, seed=seed,
-                                          shapes=args.shapes, area_range=args.area_range)
-                train, val, test = study.task_splits(task)
+                                          classes=args.classes, area_range=args.area_range)
+                train, val, test, unseen = study.task_splits(task)
                 for kind in args.models:
                     log(f"correlation {correlation}, seed {seed}, {kind}")
                     record = study.finetune(kind, weights, train, val, test, os.path.join(tmp, kind), seed=seed,
-                                            threads=args.threads, overrides=overrides, log=lambda *a: None)
-                    record.update(correlation=correlation, data="embedded", shapes=train.class_names,
+                                            threads=args.threads, overrides=overrides, log=lambda *a: None, unseen=unseen)
+                    record.update(correlation=correlation, data="embedded", classes=args.classes or FINETUNE_CLASSES,
                                   pretrain_val_accuracy=pretrain_acc)
                     record["summary"] = study.summary_row(record)
                     log("  " + describe(record))
@@ -102,21 +111,24 @@ def run_folder(args, overrides, log):
     from aim.evaluate import evaluate
     from aim.train import TrainConfig, fit, load_checkpoint, model_from_checkpoint
 
-    val = open_split(args.data, "val", args.image_size, segmentations=args.segmentations)
-    test = open_split(args.data, "test", args.image_size, segmentations=args.segmentations)
-    train = open_split(args.data, "train", args.image_size, augment=True)
+    # A folder of photographs goes through the ImageNet pipeline unless --set preprocessing=raw.
+    settings = {**study.FINETUNE_DEFAULTS, "preprocessing": "imagenet", **overrides, "backbone": args.backbone}
+    opened = dict(segmentations=args.segmentations, preprocessing=settings["preprocessing"])
+    val = open_split(args.data, "val", args.image_size, **opened)
+    test = open_split(args.data, "test", args.image_size, **opened)
+    train = open_split(args.data, "train", args.image_size, augment=True, preprocessing=settings["preprocessing"])
     records = []
     with tempfile.TemporaryDirectory(prefix="aim_study_") as tmp:
         for seed in args.seeds:
             for kind in args.models:
-                settings = {**study.FINETUNE_DEFAULTS, **overrides, "backbone": args.backbone}
                 out = os.path.join(tmp, f"{kind}_{seed}")
                 config = TrainConfig(out=out, model=kind, weights=args.weights, image_size=args.image_size, seed=seed,
                                      threads=args.threads, data=args.data, segmentations=args.segmentations, **settings)
                 started = time.perf_counter()
                 fit(config, train, val, log=lambda *a: None)
                 checkpoint = load_checkpoint(os.path.join(out, "best.pt"))
-                result = evaluate(model_from_checkpoint(checkpoint), test, batch_size=settings["batch_size"])
+                result = evaluate(model_from_checkpoint(checkpoint), test, batch_size=settings["batch_size"],
+                                  group_weights=checkpoint["train_group_counts"])
                 record = {"kind": kind, "settings": study.recorded_settings(config), "seed": seed, "best_epoch": checkpoint["epoch"],
                           "val": checkpoint["val"], "test": result, "time_s": time.perf_counter() - started,
                           "correlation": None, "data": args.data}
@@ -124,6 +136,10 @@ def run_folder(args, overrides, log):
                 log("  " + describe(record))
                 records.append(record)
     return records
+
+
+def _fmt(value):
+    return "-" if value is None else f"{value:.3f}"
 
 
 def describe(record):
@@ -138,7 +154,8 @@ def describe(record):
                     for k, v in s.get("mask_leak", {}).items())
     decision = "" if s.get("decision_object") is None else f" on object {s['decision_object']:.3f}"
     return (f"{record['kind']:<8} seed {record['seed']} best epoch {s['best_epoch']}: val wg {s['val_worst_group']:.3f} | "
-            f"test acc {s['accuracy']:.3f} wg {s['worst_group']:.3f} EPG gradcam {s['epg_gradcam']:.3f}"
+            f"test acc {s['accuracy']:.3f} weighted {_fmt(s.get('weighted_accuracy'))} wg {s['worst_group']:.3f} "
+            f"unseen scenes {_fmt(s.get('unseen_accuracy'))} EPG gradcam {s['epg_gradcam']:.3f}"
             + (f" masks {masks}" if masks else "") + kept + decision + (f" leak {leak}" if leak else "")
             + f" ({record['time_s']:.0f} s)")
 
@@ -198,7 +215,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=["baseline", "aim"], choices=["baseline", "aim"])
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--shapes", nargs=2, default=None, help="the two classes of the embedded task (default: FINETUNE_SHAPES)")
+    parser.add_argument("--classes", nargs=2, default=None, type=parse_class, metavar="NAME=SHAPE[,SHAPE...]",
+                        help="the two classes of the embedded task and their sub-shapes (default: FINETUNE_CLASSES)")
     parser.add_argument("--area-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="object area / image area of the embedded task (default: aim.data.embedded.AREA_RANGE)")
     parser.add_argument("--threads", type=int, default=1)
@@ -210,6 +228,7 @@ def main(argv=None):
     parser.add_argument("--backbone", default="resnet50", help="backbone for --data")
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/study_spurious[_<name>])")
     args = parser.parse_args(argv)
+    args.classes = dict(args.classes) if args.classes else None
     torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.set)
 

@@ -9,10 +9,10 @@ before anything trains; bad data raises :class:`DataError` with the file (and ro
 """
 import os
 
-from aim.data.common import DataError, SampleDataset, SeededSampler, ShardSampler, check_split
+from aim.data.common import DataError, SampleDataset, SeededSampler, ShardSampler, check_sizes, check_split
 from aim.data.folders import folder_split
 from aim.data.toy import BACKGROUND_NAMES, CLASS_NAMES, ToySplit, batches, make_toy_split
-from aim.data.transforms import eval_transform, train_transform
+from aim.data.transforms import transform_for
 from aim.data.waterbirds import waterbirds_split
 from aim.errors import UsageError
 
@@ -33,17 +33,20 @@ def layout_of(root):
     raise DataError(f"{root}: neither metadata.csv (WaterBirds layout) nor train/<class>/ folders (class-per-folder layout)")
 
 
-def open_split(root, split, image_size, augment=False, segmentations=None, check_threads=1):
+def open_split(root, split, image_size, augment=False, segmentations=None, check_threads=1, preprocessing="imagenet"):
     """One split of the dataset in ``root``, every image decoded once to check it.
 
     augment: the training transform (random resized crop + flip) instead of the evaluation one.
+    preprocessing: one of aim.data.transforms.PREPROCESSINGS.
     segmentations: folder of foreground masks for the pointing game (see the readers)."""
     if split not in SPLITS:
         raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
     if segmentations is not None and not os.path.isdir(segmentations):
         raise DataError(f"{segmentations}: no such folder (--segmentations)")
-    transform = train_transform(image_size) if augment else eval_transform(image_size)
+    transform = transform_for(preprocessing, image_size, augment)
     reader = waterbirds_split if layout_of(root) == "waterbirds" else folder_split
     dataset = reader(root, split, transform, segmentations)
     check_split(dataset, f"{root} {split}", check_threads)
+    if preprocessing == "raw":
+        check_sizes(dataset, image_size)
     return dataset

@@ -114,6 +114,18 @@ def check_split(dataset, split, threads=1):
             pass
 
 
+def check_sizes(dataset, image_size):
+    """Every image of a :class:`FileDataset` is image_size x image_size (the "raw" preprocessing
+    uses images as they are); else a :class:`DataError` naming the first that is not."""
+    from PIL import Image
+
+    for index, path in enumerate(dataset.paths):
+        with Image.open(path) as image:
+            if image.size != (image_size, image_size):
+                raise DataError(f"{dataset.where(index)}: the image is {image.size[0]}x{image.size[1]}; preprocessing 'raw' "
+                                f"uses images as they are and needs {image_size}x{image_size} (--image-size)")
+
+
 def _reason(error):
     from PIL import UnidentifiedImageError
 

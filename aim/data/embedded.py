@@ -1,21 +1,28 @@
 """The embedded spurious-correlation benchmark (no downloads): an unbiased pretraining set and a
-biased two-class fine-tuning task, the CPU-sized analog of ImageNet pretraining + WaterBirds.
+biased two-class fine-tuning task built as WaterBirds is (CUB birds on Places scenes), the
+CPU-sized analog of ImageNet pretraining + WaterBirds.
 
-Every image is one object (a filled shape) pasted on a procedural background texture.
+Every image is one object (a filled shape) pasted on a procedural scene; images are quantized
+to 8 bits, so an image written as PNG reads back exactly.
 
-- **Object:** the class is the shape, nothing else. Its area is drawn uniformly from
-  ``AREA_RANGE`` (a fraction of the image) independently of the class -- each shape's bounding
-  box is scaled so the shape itself has that area, so no class covers more pixels -- and its
-  colour is a random hue and brightness, also independent of the class. Position: anywhere
-  fully inside the image.
-- **Pretraining set** (:func:`make_pretraining_split`): ``len(SHAPES)`` classes on
-  ``len(TEXTURES)`` texture families, each with random colours; class and background are
-  independent (like ImageNet, backgrounds are seen but never predictive).
-- **Fine-tuning task** (:func:`make_spurious_split`): classes ``FINETUNE_SHAPES`` (two of the
-  pretraining shapes) on two backgrounds, "land" (green-brown blotches) and "water" (blue
-  horizontal waves). In training, the background equals the class with probability
-  ``spurious_correlation`` (0.95 / 1.0 like WaterBirds-95% / -100%); val and test are
+- **Object:** its area is drawn uniformly from ``area_range`` (a fraction of the image)
+  independently of the class -- each shape's box is scaled so the shape itself has that area --
+  and its colour is a random hue and brightness, also independent of the class. Position:
+  anywhere fully inside the image.
+- **Pretraining set** (:func:`make_pretraining_split`): the ``PRETRAIN_SHAPES`` classes on the
+  ``TEXTURES`` families with random colours; class and background independent (like ImageNet:
+  backgrounds are seen, never predictive).
+- **Fine-tuning task** (:func:`make_spurious_split`): as a WaterBirds class is a superclass of
+  many CUB species, each class of ``FINETUNE_CLASSES`` is a superclass of three sub-shapes that
+  pretraining never showed; as a WaterBirds place is a superclass of several Places scene types,
+  each background of ``SCENES`` ("land", "water") is a superclass of three texture families, each
+  with its own palette jittered per image. In training the background equals the class with
+  probability ``spurious_correlation`` (0.95 / 1.0 as WaterBirds-95% / -100%); val and test are
   balanced (every group equally large). Groups are ``2 * class + background``.
+- **Unseen scenes** (:func:`make_unseen_scene_split`, after TravelingBirds): the same classes on
+  the ``UNSEEN_SCENES`` families, which fine-tuning never shows, class and scene independent: a
+  model that decides on the object keeps its accuracy there, one that decides on land/water
+  does not.
 - **Foregrounds:** the exact object mask of every image, for the Energy Pointing Game.
 
 :func:`colour_histograms` and :func:`linear_probe_accuracy` are the leak check: a linear probe
@@ -41,14 +48,37 @@ SHAPES = {
     "ell": lambda u, v: (u <= -0.4) | (v >= 0.4),
     "half_disk": lambda u, v: (u ** 2 + v ** 2 <= 1) & (v >= 0),
 }
-SHAPE_NAMES = tuple(SHAPES)
-TEXTURES = ("blotches", "waves", "stripes", "checker", "gradient", "dots", "noise", "plain")
-FINETUNE_SHAPES = ("plus", "cross")
-# The study's harder task: the pair the pretrained backbone confuses most often (issue 11).
-HARDER_SHAPES = ("disk", "diamond")
+PRETRAIN_SHAPES = tuple(SHAPES)
+# Sub-shapes of the fine-tuning classes, none of them in pretraining (as CUB's species are not
+# ImageNet's classes): the backbone's shape features must transfer, they cannot be looked up.
+SHAPES.update({
+    "star": lambda u, v: torch.hypot(u, v) <= 0.55 + 0.45 * torch.cos(5 * torch.atan2(u, -v)),
+    "arrow": lambda u, v: ((v.abs() <= 0.25) & (u <= 0.1)) | ((u >= -0.1) & (v.abs() <= 0.9 * (1 - u))),
+    "chevron": lambda u, v: (v - u.abs() >= -0.8) & (v - u.abs() <= -0.15),
+    "crescent": lambda u, v: (u ** 2 + v ** 2 <= 1) & ((u - 0.5) ** 2 + v ** 2 >= 0.55),
+    "ellipse": lambda u, v: u ** 2 + (v / 0.55) ** 2 <= 1,
+    "hexagon": lambda u, v: (v.abs() <= 0.866) & (u.abs() + v.abs() / 1.732 <= 1),
+})
+FINETUNE_CLASSES = {"pointed": ("star", "arrow", "chevron"), "rounded": ("crescent", "ellipse", "hexagon")}
+# The study's harder variant: the pretraining pair the pretrained backbone confuses most (issue 11).
+HARDER_CLASSES = {"disk": ("disk",), "diamond": ("diamond",)}
 SMALL_AREA_RANGE = (0.02, 0.05)  # the study's harder task: smaller objects, the background's area grows
-BACKGROUND_NAMES = ("land", "water")
 AREA_RANGE = (0.06, 0.14)  # object area / image area, uniform, the same for every class
+TEXTURES = ("blotches", "waves", "stripes", "checker", "gradient", "dots", "noise", "plain")
+# Each background a superclass of three texture families, each with a palette: (low, high)
+# colour anchors of the two-colour pattern, jittered per image (SCENE_JITTER).
+SCENES = {
+    "land": {"blotches": ((0.45, 0.35, 0.20), (0.25, 0.45, 0.15)),  # soil and grass
+             "stripes": ((0.30, 0.22, 0.12), (0.35, 0.50, 0.20)),   # tree trunks
+             "noise": ((0.40, 0.45, 0.15), (0.55, 0.50, 0.30))},    # meadow
+    "water": {"waves": ((0.10, 0.30, 0.60), (0.20, 0.45, 0.80)),    # open sea
+              "gradient": ((0.15, 0.35, 0.55), (0.55, 0.75, 0.90)),  # shore and sky
+              "dots": ((0.10, 0.35, 0.50), (0.35, 0.60, 0.75))},     # lake with ripples
+}
+BACKGROUND_NAMES = tuple(SCENES)
+# TravelingBirds' test scenes: texture families fine-tuning never shows, with random colours.
+UNSEEN_SCENES = ("checker", "plain")
+SCENE_JITTER = 0.08
 MIN_IMAGE_SIZE = 32
 
 
@@ -102,11 +132,12 @@ def _check(num_images, image_size):
         raise ValueError(f"image_size must be an int >= {MIN_IMAGE_SIZE} for the shapes to be recognizable, got {image_size!r}")
 
 
-def _paste_objects(images, shape_names, labels, g, area_range=AREA_RANGE):
-    """Draw one object per image in place; returns the (N, 1, S, S) uint8 foregrounds."""
+def _paste_objects(images, names, g, area_range=AREA_RANGE):
+    """Draw one object per image in place, image i's of shape ``names[i]``; returns the (N, 1,
+    S, S) uint8 foregrounds."""
     n, _, s, _ = images.shape
     area = (area_range[0] + (area_range[1] - area_range[0]) * torch.rand(n, generator=g)) * s * s
-    fill = torch.tensor([_fill_fraction(shape_names[i]) for i in labels.tolist()], dtype=torch.float32)
+    fill = torch.tensor([_fill_fraction(name) for name in names], dtype=torch.float32)
     side = (area / fill).sqrt().clamp(max=s - 2)  # box side in pixels (float)
     x0 = torch.rand(n, generator=g) * (s - side)
     y0 = torch.rand(n, generator=g) * (s - side)
@@ -115,10 +146,9 @@ def _paste_objects(images, shape_names, labels, g, area_range=AREA_RANGE):
     v = (pixel.view(1, s, 1) - y0.view(n, 1, 1)) / side.view(n, 1, 1) * 2 - 1
     inside_box = (u.abs() <= 1) & (v.abs() <= 1)
     foreground = torch.zeros(n, s, s, dtype=torch.bool)
-    for k, name in enumerate(shape_names):
-        members = labels == k
-        if members.any():
-            foreground[members] = SHAPES[name](u[members], v[members]) & inside_box[members]
+    for name in sorted(set(names)):
+        members = torch.tensor([x == name for x in names])
+        foreground[members] = SHAPES[name](u[members], v[members]) & inside_box[members]
     # Colour: random hue at random brightness, independent of the class.
     hue = torch.rand(n, generator=g) * 2 * math.pi
     level = 0.35 + 0.3 * torch.rand(n, 1, generator=g)
@@ -163,61 +193,82 @@ def _random_colours(n, g):
     return 0.1 + 0.8 * torch.rand(n, 3, generator=g)
 
 
-def _pretraining_backgrounds(kinds, s, g):
-    n = kinds.shape[0]
-    images = torch.empty(n, 3, s, s)
-    for k, kind in enumerate(TEXTURES):
-        members = torch.nonzero(kinds == k).flatten()
-        if len(members):
-            m = len(members)
-            images[members] = _two_colour(_texture(kind, m, s, g), _random_colours(m, g), _random_colours(m, g))
-    return images
-
-
-def _finetune_backgrounds(backgrounds, s, g):
+def _scene_backgrounds(backgrounds, scenes, s, g):
+    """Background i: a texture family of ``scenes[backgrounds[i]]`` (a {family: palette} dict,
+    family drawn uniformly) in its palette jittered by SCENE_JITTER, brightness varied."""
     n = backgrounds.shape[0]
-    green, brown = torch.tensor([0.25, 0.45, 0.15]), torch.tensor([0.45, 0.35, 0.2])
-    land = _two_colour(_texture("blotches", n, s, g), brown.expand(n, 3), green.expand(n, 3))
-    blue_low, blue_high = torch.tensor([0.1, 0.3, 0.6]), torch.tensor([0.2, 0.45, 0.8])
-    water = _two_colour(_texture("waves", n, s, g), blue_low.expand(n, 3), blue_high.expand(n, 3))
+    images = torch.empty(n, 3, s, s)
+    pick = torch.randint(0, 60, (n,), generator=g)  # 60: uniform over 1..6 families
+    for b, scene in enumerate(scenes):
+        members = torch.nonzero(backgrounds == b).flatten()
+        choice = pick[members] % len(scene)
+        for k, (family, palette) in enumerate(scene.items()):
+            chosen = members[choice == k]
+            m = len(chosen)
+            if m == 0:
+                continue
+            if palette is None:
+                low, high = _random_colours(m, g), _random_colours(m, g)
+            else:
+                low, high = ((torch.tensor(anchor) + SCENE_JITTER * torch.randn(m, 3, generator=g)).clamp(0.02, 0.98)
+                             for anchor in palette)
+            images[chosen] = _two_colour(_texture(family, m, s, g), low, high)
     brightness = 0.85 + 0.3 * torch.rand(n, 1, 1, 1, generator=g)
-    return torch.where(backgrounds.view(n, 1, 1, 1) == 1, water, land) * brightness
+    return images * brightness
 
 
 def _finish(images, g):
-    return (images + 0.03 * torch.randn(images.shape, generator=g)).clamp_(0, 1)
+    """Pixel noise, then 8-bit levels (what a PNG of the image holds)."""
+    from torchvision.transforms.v2.functional import to_dtype
+
+    noisy = (images + 0.03 * torch.randn(images.shape, generator=g)).clamp_(0, 1)
+    # The file pipeline's own uint8 -> float conversion, so a PNG of the image reads back equal.
+    return to_dtype(noisy.mul_(255).round_().to(torch.uint8), torch.float32, scale=True)
 
 
 def make_pretraining_split(num_images, image_size=64, seed=0):
-    """The unbiased pretraining set: class = one of ``SHAPE_NAMES``, background a random texture
+    """The unbiased pretraining set: class = one of ``PRETRAIN_SHAPES``, background a random texture
     of ``TEXTURES`` with random colours, independent of the class; classes balanced."""
     _check(num_images, image_size)
     g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num_images) % len(SHAPE_NAMES)
+    labels = torch.arange(num_images) % len(PRETRAIN_SHAPES)
     labels = labels[torch.randperm(num_images, generator=g)]
     textures = torch.randint(0, len(TEXTURES), (num_images,), generator=g)
-    images = _pretraining_backgrounds(textures, image_size, g)
-    foregrounds = _paste_objects(images, SHAPE_NAMES, labels, g)
-    return EmbeddedSplit(_finish(images, g), labels, textures, foregrounds, SHAPE_NAMES, TEXTURES)
+    images = _scene_backgrounds(textures, [{t: None} for t in TEXTURES], image_size, g)
+    foregrounds = _paste_objects(images, [PRETRAIN_SHAPES[k] for k in labels.tolist()], g)
+    return EmbeddedSplit(_finish(images, g), labels, textures, foregrounds, PRETRAIN_SHAPES, TEXTURES)
 
 
-def make_spurious_split(num_images, image_size=64, spurious_correlation=0.5, seed=0, balanced=False, shapes=FINETUNE_SHAPES,
-                        area_range=AREA_RANGE):
-    """The biased fine-tuning task: class = one of ``shapes`` (two names of ``SHAPE_NAMES``),
-    background land / water equal to the class with probability ``spurious_correlation``.
-    ``balanced``: every (class, background) group the same size (num_images // 4 each) -- val
-    and test -- ignoring the correlation. ``area_range``: (low, high) object area / image area,
-    uniform, the same for both classes (smaller objects: less shape signal against the background)."""
+def check_classes(classes):
+    """``classes`` as {name: tuple of sub-shape names}: two classes, each of shapes of SHAPES,
+    no shape in both."""
+    if not isinstance(classes, dict) or len(classes) != 2:
+        raise ValueError(f"classes must be a dict of two class names to sub-shape tuples, got {classes!r}")
+    classes = {name: tuple(shapes) for name, shapes in classes.items()}
+    members = [shape for shapes in classes.values() for shape in shapes]
+    if not all(classes.values()) or not set(members) <= set(SHAPES) or len(set(members)) != len(members):
+        raise ValueError(f"classes must hold disjoint, non-empty tuples of names of {tuple(SHAPES)}, got {classes!r}")
+    return classes
+
+
+def make_spurious_split(num_images, image_size=64, spurious_correlation=0.5, seed=0, balanced=False,
+                        classes=FINETUNE_CLASSES, area_range=AREA_RANGE, scenes=None):
+    """The biased fine-tuning task: class = one of ``classes`` ({name: sub-shapes}, each image's
+    sub-shape drawn uniformly in its class), background land / water (each a family of ``SCENES``)
+    equal to the class with probability ``spurious_correlation``. ``balanced``: every (class,
+    background) group the same size (num_images // 4 each) -- val and test -- ignoring the
+    correlation. ``area_range``: (low, high) object area / image area, uniform, the same for
+    both classes. ``scenes``: the two backgrounds' {family: palette or None (random colours)}
+    (default ``SCENES``)."""
     _check(num_images, image_size)
+    classes = check_classes(classes)
     area_range = tuple(area_range)
     if len(area_range) != 2 or not 0 < area_range[0] <= area_range[1] <= 0.5:
         raise ValueError(f"area_range must be (low, high) with 0 < low <= high <= 0.5, got {area_range!r}")
-    shapes = tuple(shapes)
-    if len(shapes) != 2 or len(set(shapes)) != 2 or not set(shapes) <= set(SHAPE_NAMES):
-        raise ValueError(f"shapes must be two different names of {SHAPE_NAMES}, got {shapes!r}")
     if isinstance(spurious_correlation, bool) or not isinstance(spurious_correlation, (int, float)) \
             or not 0 <= spurious_correlation <= 1:
         raise ValueError(f"spurious_correlation must be a probability in [0, 1], got {spurious_correlation!r}")
+    scenes = SCENES if scenes is None else scenes
     g = torch.Generator().manual_seed(seed)
     if balanced:
         if num_images % 4:
@@ -228,9 +279,21 @@ def make_spurious_split(num_images, image_size=64, spurious_correlation=0.5, see
         labels = (torch.arange(num_images) % 2)[torch.randperm(num_images, generator=g)]
         agrees = torch.rand(num_images, generator=g) < spurious_correlation
         backgrounds = torch.where(agrees, labels, 1 - labels)
-    images = _finetune_backgrounds(backgrounds, image_size, g)
-    foregrounds = _paste_objects(images, shapes, labels, g, area_range)
-    return EmbeddedSplit(_finish(images, g), labels, backgrounds, foregrounds, shapes, BACKGROUND_NAMES)
+    images = _scene_backgrounds(backgrounds, list(scenes.values()), image_size, g)
+    members = list(classes.values())
+    sub = torch.randint(0, 60, (num_images,), generator=g).tolist()  # 60: uniform over 1..6 sub-shapes
+    names = [members[y][k % len(members[y])] for y, k in zip(labels.tolist(), sub)]
+    foregrounds = _paste_objects(images, names, g, area_range)
+    return EmbeddedSplit(_finish(images, g), labels, backgrounds, foregrounds, tuple(classes), tuple(scenes))
+
+
+def make_unseen_scene_split(num_images, image_size=64, seed=0, classes=FINETUNE_CLASSES, area_range=AREA_RANGE):
+    """TravelingBirds' test: the classes on the ``UNSEEN_SCENES`` families (random colours), which
+    fine-tuning never shows; every (class, scene) group the same size. Its "backgrounds" are the
+    unseen families, independent of the class."""
+    scenes = {family: {family: None} for family in UNSEEN_SCENES}
+    return make_spurious_split(num_images, image_size, seed=seed, balanced=True, classes=classes,
+                               area_range=area_range, scenes=scenes)
 
 
 def colour_histograms(images, bins=4):

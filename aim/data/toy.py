@@ -103,7 +103,7 @@ def batches(split, batch_size, shuffle, generator=None):
         yield split.images[index], split.labels[index], index
 
 
-def save_waterbirds_layout(root, splits, image_format="jpg", class_names=CLASS_NAMES, foregrounds=None):
+def save_waterbirds_layout(root, splits, image_format="jpg", class_names=CLASS_NAMES, foregrounds=None, place_names=None):
     """Write generated splits ({"train": ToySplit, "val": ..., "test": ...}) in the WaterBirds
     layout: images/<class>/<split>_<i>.<format>, metadata.csv (img_id, img_filename, y, split,
     place) and segmentations/<img_filename>.png holding each object's box as its foreground.
@@ -111,7 +111,8 @@ def save_waterbirds_layout(root, splits, image_format="jpg", class_names=CLASS_N
 
     class_names: the folder of each class under images/. foregrounds: {split: (N, H, W) uint8
     tensor, nonzero on the object} written as the segmentations instead of the boxes (an
-    object's own silhouette, e.g. aim.data.photos)."""
+    object's own silhouette, e.g. aim.data.photos). place_names: also write the columns
+    class_name and place_name, which aim.data.waterbirds reads as the names."""
     import csv
     import os
 
@@ -134,6 +135,8 @@ def save_waterbirds_layout(root, splits, image_format="jpg", class_names=CLASS_N
             Image.fromarray((masks[i] * 255).numpy()).save(os.path.join(root, "segmentations", name.rsplit(".", 1)[0] + ".png"))
             rows.append({"img_id": len(rows) + 1, "img_filename": name, "y": int(data.labels[i]), "split": SPLITS[split],
                          "place": int(data.backgrounds[i])})
+            if place_names is not None:
+                rows[-1].update(class_name=class_names[rows[-1]["y"]], place_name=place_names[rows[-1]["place"]])
     with open(os.path.join(root, "metadata.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -1,6 +1,12 @@
-"""Image decoding and the transforms.v2 pipelines, with group_DRO's defaults: train
-RandomResizedCrop(S, scale=(0.7, 1)) + horizontal flip; eval resize to S*256/224 (square, as
-group_DRO does) then center-crop S; ImageNet normalization."""
+"""Image decoding and the transforms.v2 pipelines of the two preprocessings a run records
+(TrainConfig.preprocessing, applied again by ``aim eval`` / ``aim explain``):
+
+- "imagenet", group_DRO's defaults: train RandomResizedCrop(S, scale=(0.7, 1)) + horizontal
+  flip; eval resize to S*256/224 (square, as group_DRO does) then center-crop S; ImageNet
+  normalization.
+- "raw": the image as it is, S x S, values in [0, 1], no augmentation: what the embedded
+  benchmark's generated tensors are, so a model trained on them (``aim demo``) and one trained on
+  their PNG files (``aim data embedded``) see the same numbers."""
 import torch
 from PIL import Image
 from torchvision import tv_tensors
@@ -8,6 +14,16 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+PREPROCESSINGS = ("imagenet", "raw")
+
+
+def transform_for(preprocessing, image_size, augment=False):
+    """The pipeline of one of PREPROCESSINGS, for training (``augment``) or evaluation."""
+    if preprocessing == "raw":
+        return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])  # sizes: aim.data.open_split checks
+    return train_transform(image_size) if augment else eval_transform(image_size)
 
 
 def train_transform(image_size):

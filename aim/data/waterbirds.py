@@ -1,6 +1,8 @@
 """The WaterBirds layout (kohpangwei/group_DRO data/cub_dataset.py): ``DIR/metadata.csv`` with
 columns img_filename, y, split (0 train, 1 val, 2 test) and place; the group of a sample is
-2 * y + place. Image paths are relative to DIR."""
+2 * y + place. Image paths are relative to DIR. Optional columns class_name and place_name (as
+`aim data embedded` writes; other readers ignore them) name the classes and places; without them
+the names are WaterBirds'."""
 import csv
 import os
 
@@ -10,11 +12,11 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 REQUIRED_COLUMNS = ("img_filename", "y", "split", "place")
 CLASS_NAMES = ("landbird", "waterbird")
 PLACE_NAMES = ("land", "water")
-GROUP_NAMES = tuple(f"{c}/{p}" for c in CLASS_NAMES for p in PLACE_NAMES)
 
 
 def read_metadata(root):
-    """Rows of metadata.csv as (line number, img_filename, y, split, place), every value checked."""
+    """Rows of metadata.csv as (line number, img_filename, y, split, place), every value checked,
+    and the (class names, place names)."""
     path = os.path.join(root, "metadata.csv")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # tolerates a byte-order mark
@@ -23,7 +25,7 @@ def read_metadata(root):
             if missing:
                 raise DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                                 f"(needs {', '.join(REQUIRED_COLUMNS)})")
-            rows = []
+            rows, names = [], ({}, {})
             for row in reader:
                 line = reader.line_num
                 values = [_int(row, column, path, line) for column in ("y", "split", "place")]
@@ -33,11 +35,25 @@ def read_metadata(root):
                 if not row["img_filename"]:
                     raise DataError(f"{path} line {line}: empty img_filename")
                 rows.append((line, row["img_filename"], *values))
+                for column, value, seen in (("class_name", values[0], names[0]), ("place_name", values[2], names[1])):
+                    if row.get(column):
+                        if seen.setdefault(value, row[column]) != row[column]:
+                            raise DataError(f"{path} line {line}: {column} {row[column]!r} differs from "
+                                            f"{seen[value]!r} given for the same {column[:-5]} {value}")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"{path}: not a readable CSV file ({error})") from None
-    return rows
+    return rows, tuple(_names(seen, default, column, path) for seen, default, column in
+                       zip(names, (CLASS_NAMES, PLACE_NAMES), ("class_name", "place_name")))
+
+
+def _names(seen, default, column, path):
+    if not seen:
+        return default
+    if sorted(seen) != list(range(len(default))):
+        raise DataError(f"{path}: column {column} must name every value 0..{len(default) - 1}, got {sorted(seen)}")
+    return tuple(seen[i] for i in range(len(default)))
 
 
 def _int(row, column, path, line):
@@ -51,12 +67,14 @@ def _int(row, column, path, line):
 def waterbirds_split(root, split, transform, segmentations=None):
     """One split as a :class:`FileDataset`; with ``segmentations``, the foreground of
     ``img_filename`` is ``segmentations/<img_filename with suffix .png>``."""
-    rows = [r for r in read_metadata(root) if r[3] == SPLITS[split]]
+    rows, (class_names, place_names) = read_metadata(root)
+    rows = [r for r in rows if r[3] == SPLITS[split]]
     if not rows:
         raise DataError(f"{os.path.join(root, 'metadata.csv')}: the {split} split (split = {SPLITS[split]}) has no rows")
     paths = [os.path.join(root, r[1]) for r in rows]
     foregrounds = None
     if segmentations is not None:
         foregrounds = [os.path.join(segmentations, os.path.splitext(r[1])[0] + ".png") for r in rows]
-    return FileDataset(paths, [r[2] for r in rows], [2 * r[2] + r[4] for r in rows], CLASS_NAMES, GROUP_NAMES, transform,
+    group_names = [f"{c}/{p}" for c in class_names for p in place_names]
+    return FileDataset(paths, [r[2] for r in rows], [2 * r[2] + r[4] for r in rows], class_names, group_names, transform,
                        sources=[f"metadata.csv line {r[0]}" for r in rows], foreground_paths=foregrounds)
