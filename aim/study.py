@@ -5,8 +5,11 @@
    on disk under ``$XDG_CACHE_HOME/aim-kernels`` or ``~/.cache/aim-kernels``);
 2. fine-tune the baseline and AIM from it on the biased task (:func:`finetune`), best.pt
    selected on val worst-group accuracy by the training loop;
-3. evaluate best.pt on the balanced test split: accuracy, worst-group accuracy, the EPG of
-   every mask stage and of GradCAM, and where the masks sit (:func:`mask_placement`).
+3. evaluate best.pt on the balanced test split: accuracy (also weighted by the training groups'
+   proportions), worst-group accuracy, the EPG of every mask stage and of GradCAM, the audit,
+   and where the masks sit (:func:`mask_placement`); and on the unseen-scene test.
+
+:func:`write_task` (``aim data embedded``) writes the same splits in the WaterBirds layout.
 """
 import dataclasses
 import hashlib
@@ -55,7 +58,7 @@ def cache_dir():
 
 def pretrained_backbone(settings, threads=1, log=print, cache=None):
     """Path of a checkpoint of SmallConvNet pretrained on the unbiased set (a baseline model over
-    the ``SHAPE_NAMES`` classes), training it first unless the cache has it. Returns (path,
+    the ``PRETRAIN_SHAPES`` classes), training it first unless the cache has it. Returns (path,
     whether it was trained now, the pretraining val accuracy)."""
     from aim.data.embedded import make_pretraining_split
 

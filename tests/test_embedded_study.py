@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+import torchvision
 
 from aim.cli import main
-from aim.data.embedded import (AREA_RANGE, FINETUNE_SHAPES, HARDER_SHAPES, SHAPE_NAMES, SMALL_AREA_RANGE, TEXTURES,
-                               colour_histograms, linear_probe_accuracy, make_pretraining_split, make_spurious_split)
+from aim.data.embedded import (AREA_RANGE, FINETUNE_CLASSES, HARDER_CLASSES, PRETRAIN_SHAPES, SCENES, SMALL_AREA_RANGE,
+                               TEXTURES, UNSEEN_SCENES, colour_histograms, linear_probe_accuracy, make_pretraining_split,
+                               make_spurious_split, make_unseen_scene_split)
 
 
 def binomial_margin(p, n, sigmas=4.0):
@@ -23,7 +25,7 @@ def test_object_area_is_drawn_independently_of_the_class():
     assert area.min() >= AREA_RANGE[0] - 0.02 and area.max() <= AREA_RANGE[1] + 0.02
     expected = sum(AREA_RANGE) / 2
     spread = (AREA_RANGE[1] - AREA_RANGE[0]) / math.sqrt(12)  # std of the uniform draw
-    for k, name in enumerate(SHAPE_NAMES):
+    for k, name in enumerate(PRETRAIN_SHAPES):
         members = area[split.labels == k]
         assert abs(members.mean().item() - expected) < 4 * spread / math.sqrt(len(members)) + 0.003, name
 
@@ -38,7 +40,7 @@ def test_splits_have_the_requested_correlation_and_balance():
     balanced = make_spurious_split(400, 32, seed=2, balanced=True)
     assert torch.bincount(balanced.groups, minlength=4).tolist() == [100] * 4
     pretrain = make_pretraining_split(500, 32, seed=0)
-    assert torch.bincount(pretrain.labels).tolist() == [50] * len(SHAPE_NAMES)
+    assert torch.bincount(pretrain.labels).tolist() == [50] * len(PRETRAIN_SHAPES)
     assert set(pretrain.backgrounds.tolist()) == set(range(len(TEXTURES)))
 
 
@@ -46,7 +48,11 @@ def test_generation_is_deterministic_and_foregrounds_match_the_pasted_colour():
     a, b = make_spurious_split(64, 48, 0.95, seed=5), make_spurious_split(64, 48, 0.95, seed=5)
     assert torch.equal(a.images, b.images) and torch.equal(a.foregrounds, b.foregrounds)
     assert not torch.equal(a.images, make_spurious_split(64, 48, 0.95, seed=6).images)
-    assert a.class_names == FINETUNE_SHAPES and a.images.min() >= 0 and a.images.max() <= 1
+    assert a.class_names == tuple(FINETUNE_CLASSES) and a.background_names == tuple(SCENES)
+    assert a.images.min() >= 0 and a.images.max() <= 1
+    # 8-bit levels, as the file pipeline converts them: a PNG of the image reads back equal.
+    levels = (a.images * 255).round().to(torch.uint8)
+    assert torch.equal(torchvision.transforms.v2.functional.to_dtype(levels, torch.float32, scale=True), a.images)
     # Inside the foreground every pixel is the object's colour (plus the small pixel noise).
     fg = a.foregrounds[:, 0].bool()
     for i in range(8):
@@ -54,12 +60,34 @@ def test_generation_is_deterministic_and_foregrounds_match_the_pasted_colour():
         assert pixels.std(1).max() < 0.05
 
 
-@pytest.mark.parametrize("shapes, area_range", [(FINETUNE_SHAPES, AREA_RANGE), (HARDER_SHAPES, AREA_RANGE),
-                                               (FINETUNE_SHAPES, SMALL_AREA_RANGE)])
-def test_no_class_leaks_through_colour_histograms(shapes, area_range):
+def test_classes_are_unseen_sub_shapes_and_scenes_are_families():
+    """Each fine-tuning class is a superclass of sub-shapes absent from pretraining, each drawn;
+    each background a superclass of texture families; the unseen-scene split uses others."""
+    members = [shape for shapes in FINETUNE_CLASSES.values() for shape in shapes]
+    assert not set(members) & set(PRETRAIN_SHAPES) and len(set(members)) == len(members)
+    assert not set(UNSEEN_SCENES) & {family for scene in SCENES.values() for family in scene}
+    n = 1200
+    split = make_spurious_split(n, 48, 0.95, seed=3)
+    for k, (name, shapes) in enumerate(FINETUNE_CLASSES.items()):
+        drawn = [split.shapes[i] for i in range(n) if split.labels[i] == k]
+        for shape in shapes:  # sub-shapes uniform within their class
+            assert abs(drawn.count(shape) / len(drawn) - 1 / 3) <= binomial_margin(1 / 3, len(drawn)), (name, shape)
+    for b, (name, families) in enumerate(SCENES.items()):
+        drawn = [split.scenes[i] for i in range(n) if split.backgrounds[i] == b]
+        assert set(drawn) == set(families), name
+        for family in families:
+            assert abs(drawn.count(family) / len(drawn) - 1 / 3) <= binomial_margin(1 / 3, len(drawn)), (name, family)
+    unseen = make_unseen_scene_split(400, 32, seed=4)
+    assert unseen.background_names == UNSEEN_SCENES and torch.bincount(unseen.groups).tolist() == [100] * 4
+    assert [unseen.scenes[i] for i in range(4)] == [UNSEEN_SCENES[b] for b in unseen.backgrounds[:4].tolist()]
+
+
+@pytest.mark.parametrize("classes, area_range", [(FINETUNE_CLASSES, AREA_RANGE), (HARDER_CLASSES, AREA_RANGE),
+                                                (FINETUNE_CLASSES, SMALL_AREA_RANGE)])
+def test_no_class_leaks_through_colour_histograms(classes, area_range):
     """A linear probe on colour histograms finds the background (the probe works) but not the class."""
-    train = make_spurious_split(800, 32, seed=10, balanced=True, shapes=shapes, area_range=area_range)
-    test = make_spurious_split(800, 32, seed=11, balanced=True, shapes=shapes, area_range=area_range)
+    train = make_spurious_split(800, 32, seed=10, balanced=True, classes=classes, area_range=area_range)
+    test = make_spurious_split(800, 32, seed=11, balanced=True, classes=classes, area_range=area_range)
     # The objects follow area_range (single images deviate by pixel rounding of the outline; the mean does not).
     assert area_range[0] < float(train.foregrounds.float().mean()) < area_range[1]
     h_train, h_test = colour_histograms(train.images), colour_histograms(test.images)
@@ -76,8 +104,10 @@ def test_bad_arguments_are_value_errors():
         make_spurious_split(10, 32, 1.5)
     with pytest.raises(ValueError, match="multiple of the 4 groups"):
         make_spurious_split(10, 32, balanced=True)
-    with pytest.raises(ValueError, match="shapes"):
-        make_spurious_split(8, 32, shapes=("disk", "disk"))
+    with pytest.raises(ValueError, match="classes"):
+        make_spurious_split(8, 32, classes={"a": ("disk",), "b": ("disk",)})
+    with pytest.raises(ValueError, match="classes"):
+        make_spurious_split(8, 32, classes={"a": ("disk",), "b": ("no_such_shape",)})
     with pytest.raises(ValueError, match="area_range"):
         make_spurious_split(8, 32, area_range=(0.1, 0.05))
     with pytest.raises(ValueError, match="num_images"):
@@ -86,9 +116,9 @@ def test_bad_arguments_are_value_errors():
 
 def test_demo_runs_the_protocol_and_caches_the_pretrained_backbone(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    args = ["demo", "--out", str(tmp_path / "out"), "--epochs", "2", "--anneal-epochs", "1", "--train-size", "128",
-            "--val-size", "64", "--test-size", "64", "--pretrain-size", "100", "--pretrain-epochs", "1",
-            "--image-size", "32", "--batch-size", "32"]
+    task = ["--train-size", "128", "--val-size", "64", "--test-size", "64", "--unseen-size", "32", "--image-size", "32"]
+    args = ["demo", "--out", str(tmp_path / "out"), "--epochs", "2", "--anneal-epochs", "1", *task,
+            "--pretrain-size", "100", "--pretrain-epochs", "1", "--batch-size", "32"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "pretrained backbone (trained now)" in printed
@@ -106,6 +136,24 @@ def test_demo_runs_the_protocol_and_caches_the_pretrained_backbone(tmp_path, mon
     assert (tmp_path / "out" / "conflicting_test_images.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(args) == 0  # the second run finds the backbone in the cache
     assert "pretrained backbone (from the cache)" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
+
+    # The same task from disk: `aim eval` of the demo's checkpoints prints the demo's test numbers.
+    data = tmp_path / "data"
+    assert main(["data", "embedded", "--out", str(data), *task]) == 0
+    for kind in ("baseline", "aim"):
+        out = tmp_path / f"{kind}.json"
+        assert main(["eval", str(tmp_path / "out" / kind / "best.pt"), "--data", str(data), "--segmentations",
+                     str(data / "segmentations"), "--json", str(out), "--workers", "0", "--batch-size", "100"]) == 0
+        on_disk, in_memory = json.loads(out.read_text()), summary["records"][kind]["test"]
+        for key in ("num_samples", "accuracy", "group_accuracy", "worst_group_accuracy", "weighted_accuracy"):
+            assert on_disk[key] == in_memory[key], (kind, key)
+        assert on_disk["energy_pointing_game"] == pytest.approx(in_memory["energy_pointing_game"], abs=1e-6)
+        assert on_disk["decision_audit"]["object"] == pytest.approx(in_memory["decision_audit"]["object"], abs=1e-6)
+        unseen = tmp_path / f"{kind}_unseen.json"
+        assert main(["eval", str(tmp_path / "out" / kind / "best.pt"), "--data", str(data / "unseen_scenes"),
+                     "--json", str(unseen), "--workers", "0", "--batch-size", "100", "--no-gradcam"]) == 0
+        assert json.loads(unseen.read_text())["group_accuracy"] == in_memory["unseen_scenes"]["group_accuracy"]
 
 
 def test_study_options_of_the_model_loss_and_schedule():

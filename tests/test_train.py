@@ -88,6 +88,11 @@ def test_waterbirds_train_and_eval(waterbirds, tmp_path, capsys):
     present = [a for a in result["group_accuracy"] if a is not None]
     assert result["worst_group_accuracy"] == min(present)
     assert result["mean_group_accuracy"] == pytest.approx(sum(present) / len(present))
+    # Weighted accuracy: the group accuracies weighted by the training split's group counts.
+    counts = torch.load(run / "last.pt", weights_only=True)["train_group_counts"]
+    assert sum(counts) == 32 and len(counts) == 4
+    weighted = [(a, c) for a, c in zip(result["group_accuracy"], counts) if a is not None and c]
+    assert result["weighted_accuracy"] == pytest.approx(sum(a * c for a, c in weighted) / sum(c for _, c in weighted))
     assert set(result["mask_active_fraction"]) == {"2", "3"}
     assert set(result["energy_pointing_game"]) == {"2", "3", "gradcam"}
     assert all(0 <= v <= 1 for v in result["energy_pointing_game"].values())
@@ -134,16 +139,28 @@ def _bad_waterbirds(case, root, rows):
     if case == "empty split":
         write_metadata(root, [r for r in rows if r["split"] != 1])
         return "the val split (split = 1) has no rows"
+    if case == "class names that disagree":
+        for r in rows:
+            r["class_name"] = ("disk", "plus")[r["y"]]
+        rows[6]["class_name"] = "square"
+        write_metadata(root, rows)
+        return f"line 8: class_name 'square' differs from '{('disk', 'plus')[rows[6]['y']]}' given for the same class {rows[6]['y']}"
+    if case == "raw preprocessing, image of another size":
+        from PIL import Image
+
+        Image.new("RGB", (40, 32)).save(root / rows[2]["img_filename"])
+        return f"{rows[2]['img_filename']} (metadata.csv line 4): the image is 40x32; preprocessing 'raw' uses images as they are"
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing column", "label out of range", "missing image", "corrupt image", "empty split"])
+@pytest.mark.parametrize("case", ["missing column", "label out of range", "missing image", "corrupt image", "empty split",
+                                  "class names that disagree", "raw preprocessing, image of another size"])
 def test_bad_waterbirds_data_stops_before_training(waterbirds, tmp_path, capsys, case):
     root, rows = waterbirds
     data = _copy(root, tmp_path)
     message = _bad_waterbirds(case, data, rows)
     run = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *TINY]) == 2
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *TINY, "--preprocessing", "raw"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and err.startswith("aim train: error: ")
     assert not run.exists()  # nothing half-written

@@ -89,6 +89,8 @@ class EmbeddedSplit(NamedTuple):
     foregrounds: torch.Tensor  # (N, 1, S, S) uint8 object mask
     class_names: tuple
     background_names: tuple
+    shapes: tuple = ()         # each image's sub-shape (as CUB's species)
+    scenes: tuple = ()         # each image's texture family (as Places' scene type)
 
     def __len__(self):
         return self.labels.shape[0]
@@ -195,9 +197,10 @@ def _random_colours(n, g):
 
 def _scene_backgrounds(backgrounds, scenes, s, g):
     """Background i: a texture family of ``scenes[backgrounds[i]]`` (a {family: palette} dict,
-    family drawn uniformly) in its palette jittered by SCENE_JITTER, brightness varied."""
+    family drawn uniformly) in its palette jittered by SCENE_JITTER, brightness varied. Returns
+    the images and each one's family."""
     n = backgrounds.shape[0]
-    images = torch.empty(n, 3, s, s)
+    images, names = torch.empty(n, 3, s, s), [None] * n
     pick = torch.randint(0, 60, (n,), generator=g)  # 60: uniform over 1..6 families
     for b, scene in enumerate(scenes):
         members = torch.nonzero(backgrounds == b).flatten()
@@ -213,8 +216,10 @@ def _scene_backgrounds(backgrounds, scenes, s, g):
                 low, high = ((torch.tensor(anchor) + SCENE_JITTER * torch.randn(m, 3, generator=g)).clamp(0.02, 0.98)
                              for anchor in palette)
             images[chosen] = _two_colour(_texture(family, m, s, g), low, high)
+            for i in chosen.tolist():
+                names[i] = family
     brightness = 0.85 + 0.3 * torch.rand(n, 1, 1, 1, generator=g)
-    return images * brightness
+    return images * brightness, tuple(names)
 
 
 def _finish(images, g):
@@ -234,9 +239,10 @@ def make_pretraining_split(num_images, image_size=64, seed=0):
     labels = torch.arange(num_images) % len(PRETRAIN_SHAPES)
     labels = labels[torch.randperm(num_images, generator=g)]
     textures = torch.randint(0, len(TEXTURES), (num_images,), generator=g)
-    images = _scene_backgrounds(textures, [{t: None} for t in TEXTURES], image_size, g)
-    foregrounds = _paste_objects(images, [PRETRAIN_SHAPES[k] for k in labels.tolist()], g)
-    return EmbeddedSplit(_finish(images, g), labels, textures, foregrounds, PRETRAIN_SHAPES, TEXTURES)
+    images, scenes = _scene_backgrounds(textures, [{t: None} for t in TEXTURES], image_size, g)
+    shapes = tuple(PRETRAIN_SHAPES[k] for k in labels.tolist())
+    foregrounds = _paste_objects(images, shapes, g)
+    return EmbeddedSplit(_finish(images, g), labels, textures, foregrounds, PRETRAIN_SHAPES, TEXTURES, shapes, scenes)
 
 
 def check_classes(classes):
@@ -279,12 +285,12 @@ def make_spurious_split(num_images, image_size=64, spurious_correlation=0.5, see
         labels = (torch.arange(num_images) % 2)[torch.randperm(num_images, generator=g)]
         agrees = torch.rand(num_images, generator=g) < spurious_correlation
         backgrounds = torch.where(agrees, labels, 1 - labels)
-    images = _scene_backgrounds(backgrounds, list(scenes.values()), image_size, g)
+    images, families = _scene_backgrounds(backgrounds, list(scenes.values()), image_size, g)
     members = list(classes.values())
     sub = torch.randint(0, 60, (num_images,), generator=g).tolist()  # 60: uniform over 1..6 sub-shapes
-    names = [members[y][k % len(members[y])] for y, k in zip(labels.tolist(), sub)]
+    names = tuple(members[y][k % len(members[y])] for y, k in zip(labels.tolist(), sub))
     foregrounds = _paste_objects(images, names, g, area_range)
-    return EmbeddedSplit(_finish(images, g), labels, backgrounds, foregrounds, tuple(classes), tuple(scenes))
+    return EmbeddedSplit(_finish(images, g), labels, backgrounds, foregrounds, tuple(classes), tuple(scenes), names, families)
 
 
 def make_unseen_scene_split(num_images, image_size=64, seed=0, classes=FINETUNE_CLASSES, area_range=AREA_RANGE):

@@ -137,6 +137,9 @@ def save_waterbirds_layout(root, splits, image_format="jpg", class_names=CLASS_N
                          "place": int(data.backgrounds[i])})
             if place_names is not None:
                 rows[-1].update(class_name=class_names[rows[-1]["y"]], place_name=place_names[rows[-1]["place"]])
+            for column, values in (("shape", getattr(data, "shapes", ())), ("scene", getattr(data, "scenes", ()))):
+                if values:  # the embedded generator's sub-shape and scene family of each image
+                    rows[-1][column] = values[i]
     with open(os.path.join(root, "metadata.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
