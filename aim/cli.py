@@ -33,6 +33,9 @@ def build_parser():
     train.add_argument("--warmup-epochs", type=int, default=0, help="epochs with masks fully on (tau 1) before annealing")
     train.add_argument("--select-annealed", action="store_true", help="AIM: select best.pt only among epochs at the target tau")
     train.add_argument("--noise-off-epochs", type=int, default=0, help="AIM: the last N epochs train without Gumbel noise")
+    train.add_argument("--backbone-frozen-epochs", type=int, default=0,
+                       help="the first N epochs train all but the backbone's weights (its BatchNorm statistics still adapt), "
+                            "then the whole network: linear probing, then fine-tuning")
     train.add_argument("--mask-topdown-context", action=argparse.BooleanOptionalAction, default=True,
                        help="AIM: finer mask estimators also read the upsampled coarser fused map (default on; "
                             "docs/masks_and_audit.md)")

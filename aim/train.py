@@ -75,6 +75,7 @@ class TrainConfig:
     warmup_epochs: int = 0          # epochs at tau = 1 (masks fully on) before the annealing starts
     select_annealed: bool = False   # AIM: best.pt only among epochs trained at the target tau
     noise_off_epochs: int = 0       # AIM: the last N epochs train without Gumbel noise (masks thresholded)
+    backbone_frozen_epochs: int = 0  # the first N epochs leave the backbone's weights as they are (linear probing, then fine-tuning)
     mask_topdown_context: bool = True   # AIM: finer mask estimators also read the upsampled coarser fused map
     per_image_mask_loss: bool = True    # AIM: mask loss on each image's active fraction, not the batch's
     pooling: str = "all"            # AIM: classifiers average over all positions ("all") or the active ones ("active")
@@ -95,8 +96,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.anneal_epochs < 0 or self.workers < 0 or self.noise_off_epochs < 0:
-            raise UsageError("--anneal-epochs, --workers and --noise-off-epochs must be >= 0")
+        if min(self.anneal_epochs, self.workers, self.noise_off_epochs, self.backbone_frozen_epochs) < 0:
+            raise UsageError("--anneal-epochs, --workers, --noise-off-epochs and --backbone-frozen-epochs must be >= 0")
         if self.select_annealed and self.model == "aim" and self.epochs <= self.warmup_epochs + self.anneal_epochs:
             raise UsageError(f"--select-annealed needs an epoch at the target tau: --epochs {self.epochs} must exceed "
                              f"--warmup-epochs + --anneal-epochs ({self.warmup_epochs + self.anneal_epochs})")
@@ -374,6 +375,7 @@ def _fit(config, train_set, val_set, resume, ranks, log):
         tau = schedule(epoch)
         if is_aim:
             raw_model.topdown.gumbel_noise = epoch < config.epochs - config.noise_off_epochs
+        backbone_frozen = epoch < config.backbone_frozen_epochs
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         # Summed on the device: reading them every step would synchronize a GPU.
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
@@ -388,6 +390,9 @@ def _fit(config, train_set, val_set, resume, ranks, log):
                 loss = criterion(output, labels, tau).total if is_aim else nn.functional.cross_entropy(output, labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if backbone_frozen:
+                for p in raw_model.backbone.parameters():  # AdamW skips a parameter without a gradient: no step, no decay
+                    p.grad = None
             scaler.step(optimizer)
             scaler.update()
             n = labels.shape[0]

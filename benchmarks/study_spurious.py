@@ -10,7 +10,8 @@ comparison on it (its own val / test splits; the correlation is whatever the fol
 
 One experiment of the study (a variation of the recipe, recorded with its val and test numbers):
 ``--experiment NAME --set backbone_lr=0 --set target=0.35 ...``, appended to
-``benchmarks/results/study_spurious_experiments.json``.
+``benchmarks/results/study_embedded_v2_experiments.json`` (the WaterBirds-structured benchmark;
+``study_spurious_experiments.json`` holds the runs on the earlier one-shape-per-class task).
 
     PYTHONPATH=. python benchmarks/study_spurious.py                    # the full table
     PYTHONPATH=. python benchmarks/study_spurious.py --experiment blr0 --set backbone_lr=0 --correlations 1.0 --seeds 0
@@ -241,7 +242,7 @@ def main(argv=None):
     meta = {"argv": sys.argv[1:], "overrides": overrides, "load_average": os.getloadavg(), "time_s": time.perf_counter() - started,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     if args.experiment:
-        path = os.path.join(RESULTS, "study_spurious_experiments.json")
+        path = os.path.join(RESULTS, "study_embedded_v2_experiments.json")
         existing = json.load(open(path)) if os.path.isfile(path) else []
         existing.append({"experiment": args.experiment, **meta, "summary": summary, "records": records})
         with open(path, "w") as f:

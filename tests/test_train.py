@@ -297,3 +297,22 @@ def test_progress_bar_on_a_terminal_only(waterbirds, tmp_path, capsys):
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "pipe"), "--epochs", "1", *TINY]) == 0
     captured = capsys.readouterr()
     assert "it/s" not in captured.out + captured.err and "epoch 1/1 | loss" in captured.out
+
+
+def test_backbone_frozen_epochs_leave_the_backbone_weights_and_train_the_rest(waterbirds, tmp_path):
+    from aim.train import TrainConfig, build_model
+
+    root, _ = waterbirds
+    runs = {}
+    for frozen in (1, 0):
+        run = tmp_path / f"frozen{frozen}"
+        assert main(["train", "--data", str(root), "--out", str(run), "--epochs", "1", "--backbone-frozen-epochs",
+                     str(frozen), *TINY]) == 0
+        runs[frozen] = torch.load(run / "last.pt", weights_only=True)
+    torch.manual_seed(runs[1]["config"]["seed"])  # fit seeds torch with --seed (rank 0) before building the model
+    initial = build_model(TrainConfig(**runs[1]["config"]), num_classes=2).state_dict()
+    weights = [k for k in initial if k.startswith("backbone.") and "running" not in k and "num_batches" not in k]
+    assert weights and all(torch.equal(runs[1]["model"][k], initial[k]) for k in weights)
+    assert not all(torch.equal(runs[0]["model"][k], initial[k]) for k in weights)  # unfrozen: the backbone moves
+    head = [k for k in initial if not k.startswith("backbone.") and initial[k].is_floating_point()]
+    assert not all(torch.equal(runs[1]["model"][k], initial[k]) for k in head)
