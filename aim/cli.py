@@ -39,6 +39,9 @@ def build_parser():
     train.add_argument("--mask-topdown-context", action=argparse.BooleanOptionalAction, default=True,
                        help="AIM: finer mask estimators also read the upsampled coarser fused map (default on; "
                             "docs/masks_and_audit.md)")
+    train.add_argument("--mask-saliency-prior", action="store_true",
+                       help="AIM: mask logits also get a learned multiple of each stage map's standardized log energy, "
+                            "so the weakest positions drop first as tau anneals")
     train.add_argument("--per-image-mask-loss", action=argparse.BooleanOptionalAction, default=True,
                        help="AIM: mask loss on each image's active fraction (default); --no-per-image-mask-loss: "
                             "on the batch's, the paper's term, whose masks can encode the class in their area")

@@ -22,6 +22,7 @@ from aim_kernels.gumbel_binarize import draw_seed
 # mostly active: sigmoid(2.0) = 88% of positions pass the Gumbel threshold at initialization,
 # while the straight-through gradient sigmoid' (0.10 at logit 2) is still far from vanishing.
 INITIAL_MASK_LOGIT = 2.0
+SALIENCY_WEIGHT = 2.0  # initial weight of the saliency prior: active where z > -1 at the initial logit
 POOLINGS = ("all", "active")
 
 
@@ -59,7 +60,8 @@ class MaskEstimator(nn.Module):
     1x1 conv is the same function class (the 1x1 conv is linear) with fewer parameters.
     """
 
-    def __init__(self, in_channels, hidden_channels=128, num_blocks=3, initial_logit=INITIAL_MASK_LOGIT):
+    def __init__(self, in_channels, hidden_channels=128, num_blocks=3, initial_logit=INITIAL_MASK_LOGIT,
+                 saliency_channels=None):
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False),
@@ -70,11 +72,29 @@ class MaskEstimator(nn.Module):
         self.global_branch = nn.Linear(hidden_channels, 1)
         self.to_logit = nn.Conv2d(hidden_channels, 1, 1)
         nn.init.constant_(self.to_logit.bias, initial_logit)
+        # Saliency prior: the first saliency_channels input channels (S_l) add w * z to the logit,
+        # z the per-image standardized log energy of S_l at each position, w learned.
+        self.saliency_channels = saliency_channels
+        self.saliency_weight = nn.Parameter(torch.tensor(SALIENCY_WEIGHT)) if saliency_channels else None
 
     def forward(self, x):
         hidden = self.blocks(self.stem(x))
         global_shift = self.global_branch(hidden.mean(dim=(2, 3)))
-        return self.to_logit(hidden) + global_shift[:, :, None, None]
+        logit = self.to_logit(hidden) + global_shift[:, :, None, None]
+        if self.saliency_weight is not None:
+            logit = logit + self.saliency_weight * saliency(x[:, :self.saliency_channels]).to(logit.dtype)
+        return logit
+
+
+def saliency(stage):
+    """(N, 1, H, W): the log of the mean squared activation of ``stage`` at each position,
+    standardized over each image's positions, detached (the prior reads the features, it does
+    not train them). Pretrained features are largest on objects: where the feature maps of
+    SmallConvNet pretrained on the embedded set are in their top 25%, 75-85% of the object lies."""
+    energy = stage.detach().float().square().mean(dim=1, keepdim=True).add(1e-6).log()
+    mean = energy.mean(dim=(2, 3), keepdim=True)
+    std = energy.std(dim=(2, 3), keepdim=True, correction=0).clamp_min(1e-6)
+    return (energy - mean) / std
 
 
 class TopDownResult(NamedTuple):
@@ -116,6 +136,10 @@ class FusedTopDownMask(nn.Module):
             (channels) with the nearest-upsampled F_l+1, so the coarser stages' decisions guide
             the finer masks; False: M_l reads S_l alone (the paper's pathway). The masks then
             need the feature maps, so ``pooled_outputs`` runs the pathway rather than skip them.
+        mask_saliency_prior: every mask estimator adds w * z(S_l) to its logit, z the per-image
+            standardized log activation energy of S_l, w learned from SALIENCY_WEIGHT: as the
+            mask loss lowers the active fraction, the positions where the (pretrained) features
+            are weakest drop first. False: the paper's estimator.
         pooling: how the classifiers average a masked map: "all" (the paper's global average
             over every position, zeros included: the mask's area scales the pooled features, so
             the area can carry the class) or "active" (the mean over the active positions only:
@@ -129,7 +153,8 @@ class FusedTopDownMask(nn.Module):
 
     def __init__(self, in_channels_list, out_channels, depth=None, temperature=1.0, target=0.25,
                  mask_hidden_channels=128, use_reference=False, sparse_eval=True,
-                 initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=False, pooling="all"):
+                 initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=False, pooling="all",
+                 mask_saliency_prior=False):
         super().__init__()
         in_channels_list = list(in_channels_list)
         if not in_channels_list or not all(isinstance(c, int) and c > 0 for c in in_channels_list):
@@ -161,8 +186,11 @@ class FusedTopDownMask(nn.Module):
         self.lateral = nn.ModuleList([nn.Conv2d(c, out_channels, 1) for c in run_channels])
         # The coarsest stage has no F_l+1: its estimator reads S_l alone either way.
         context_channels = [out_channels if self.mask_topdown_context and i < depth - 1 else 0 for i in range(depth)]
-        self.mask_estimators = nn.ModuleList([MaskEstimator(c + extra, mask_hidden_channels, initial_logit=initial_mask_logit)
-                                              for c, extra in zip(run_channels, context_channels)])
+        self.mask_saliency_prior = bool(mask_saliency_prior)
+        self.mask_estimators = nn.ModuleList([
+            MaskEstimator(c + extra, mask_hidden_channels, initial_logit=initial_mask_logit,
+                          saliency_channels=c if self.mask_saliency_prior else None)
+            for c, extra in zip(run_channels, context_channels)])
         self.last_masks = None
         # False: train mode thresholds the logits without Gumbel noise (straight-through gradient
         # kept), e.g. for the last epochs of training as DynConv does.
@@ -171,7 +199,8 @@ class FusedTopDownMask(nn.Module):
     def extra_repr(self):
         return (f"in_channels_list={self.in_channels_list}, out_channels={self.out_channels}, depth={self.depth}, "
                 f"temperature={self.temperature}, target={self.target}, use_reference={self.use_reference}, "
-                f"sparse_eval={self.sparse_eval}, mask_topdown_context={self.mask_topdown_context}, pooling={self.pooling!r}")
+                f"sparse_eval={self.sparse_eval}, mask_topdown_context={self.mask_topdown_context}, pooling={self.pooling!r}, "
+                f"mask_saliency_prior={self.mask_saliency_prior}")
 
     def forward(self, x, return_masks=False):
         result = self.run(x)

@@ -77,6 +77,7 @@ class TrainConfig:
     noise_off_epochs: int = 0       # AIM: the last N epochs train without Gumbel noise (masks thresholded)
     backbone_frozen_epochs: int = 0  # the first N epochs leave the backbone's weights as they are (linear probing, then fine-tuning)
     mask_topdown_context: bool = True   # AIM: finer mask estimators also read the upsampled coarser fused map
+    mask_saliency_prior: bool = False   # AIM: mask logits + a learned multiple of the stage map's standardized log energy
     per_image_mask_loss: bool = True    # AIM: mask loss on each image's active fraction, not the batch's
     pooling: str = "all"            # AIM: classifiers average over all positions ("all") or the active ones ("active")
 
@@ -118,7 +119,7 @@ def build_model(config, num_classes):
                    out_channels=config.topdown_channels, mask_hidden_channels=config.mask_channels,
                    temperature=config.temperature, use_reference=config.use_reference,
                    initial_mask_logit=config.initial_mask_logit, mask_topdown_context=config.mask_topdown_context,
-                   pooling=config.pooling)
+                   pooling=config.pooling, mask_saliency_prior=config.mask_saliency_prior)
 
 
 def build_run_backbone(config):

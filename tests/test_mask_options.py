@@ -1,4 +1,4 @@
-"""The study options of AIM's masks (issue 11): mask_topdown_context and per_image_mask_loss."""
+"""The study options of AIM's masks: mask_topdown_context, per_image_mask_loss and mask_saliency_prior."""
 from collections import OrderedDict
 
 import pytest
@@ -90,3 +90,47 @@ def test_train_config_plumbs_the_topdown_context():
     assert build_model(TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8), 2).topdown.mask_topdown_context
     config = TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8, mask_topdown_context=False)
     assert not build_model(config, 2).topdown.mask_topdown_context
+
+
+def test_saliency_is_each_images_standardized_log_energy():
+    from aim.topdown import saliency
+
+    torch.manual_seed(0)
+    stage = torch.randn(3, 6, 5, 7, requires_grad=True)
+    z = saliency(stage)
+    assert z.shape == (3, 1, 5, 7) and not z.requires_grad  # detached: the prior does not train the features
+    torch.testing.assert_close(z.mean(dim=(2, 3)), torch.zeros(3, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(z.std(dim=(2, 3), correction=0), torch.ones(3, 1))
+    energy = stage.detach().square().mean(1)
+    assert torch.equal(z[:, 0].flatten(1).argsort(1), energy.flatten(1).argsort(1))  # the same order as the energy
+    assert torch.equal(saliency(torch.ones(2, 4, 1, 1)), torch.zeros(2, 1, 1, 1))  # one position: no preference
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_saliency_prior_keeps_the_most_energetic_positions_first(context):
+    """With the learned parts of the estimators zeroed, B_l = [b + w z(S_l) > 0]: lowering the
+    bias b (as the mask loss does) drops the weakest positions of S_l first."""
+    from aim.topdown import SALIENCY_WEIGHT, saliency
+
+    torch.manual_seed(0)
+    x = stages()
+    for bias in (2.0, 0.0, -1.0):
+        topdown = aim.FusedTopDownMask(STAGE_CHANNELS, 5, depth=3, mask_hidden_channels=4, initial_mask_logit=bias,
+                                       mask_topdown_context=context, mask_saliency_prior=True).eval()
+        for estimator in topdown.mask_estimators:
+            torch.nn.init.zeros_(estimator.to_logit.weight)
+            torch.nn.init.zeros_(estimator.global_branch.weight)
+            torch.nn.init.zeros_(estimator.global_branch.bias)
+            assert estimator.saliency_weight.requires_grad and estimator.saliency_weight.item() == SALIENCY_WEIGHT
+        with torch.no_grad():
+            masks = topdown.run(x).masks
+        for name, mask in masks.items():
+            assert torch.equal(mask, (bias + SALIENCY_WEIGHT * saliency(x[name]) > 0).float()), (bias, name)
+    assert aim.FusedTopDownMask(STAGE_CHANNELS, 5).mask_estimators[0].saliency_weight is None  # off by default
+
+
+def test_train_config_plumbs_the_saliency_prior():
+    config = TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8, mask_saliency_prior=True)
+    model = build_model(config, 2)
+    assert model.topdown.mask_saliency_prior and all(e.saliency_weight is not None for e in model.topdown.mask_estimators)
+    assert not build_model(TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8), 2).topdown.mask_saliency_prior
