@@ -94,7 +94,7 @@ def build_parser():
 
     demo = commands.add_parser("demo", help="AIM vs the baseline under a spurious correlation on the embedded benchmark "
                                              "(pretraining, fine-tuning, test table, PNG of masks and GradCAM)")
-    demo.add_argument("--out", default="aim_demo_out", help="output directory (metrics.json, the PNG, the two runs)")
+    demo.add_argument("--out", default="aim_demo_out", help="output directory (summary.json, the PNG, the two runs)")
     demo.add_argument("--spurious-correlation", type=float, default=0.95, help="P(background == class) in training")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--epochs", type=int, default=12, help="fine-tuning epochs")

@@ -57,15 +57,16 @@ def run_demo(args):
     print("AIM masks on conflicting test images (background contradicts the class): fraction kept of the object / "
           "of the background: " + ", ".join(f"stage {k} {v['conflict']['object_kept']:.2f} / {v['conflict']['background_kept']:.2f}"
                                            for k, v in placement.items()))
-    png = os.path.join(args.out, "conflicting_test_images.png")
-    save_comparison_grid(models, test, png, count=8)
+    png = os.path.join(args.out, "test_images.png")
+    save_comparison_grid(models, test, png)
     summary = {"args": vars(args), "pretrained_backbone": weights, "pretrain_val_accuracy": pretrain_accuracy,
                "uniform_map_energy_pointing_game": uniform, "table": rows, "records": records,
                "time_s": time.perf_counter() - start}
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"wrote {png} (rows: test images whose background contradicts the class; columns: image, AIM's masks "
-          f"finest first, AIM's GradCAM, the baseline's GradCAM) and {os.path.join(args.out, 'metrics.json')}")
+    print(f"wrote {png} (rows: two test images of each group, those whose background contradicts the class first; "
+          f"columns: image, AIM's masks finest first, AIM's GradCAM, the baseline's GradCAM) and "
+          f"{os.path.join(args.out, 'summary.json')}")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return summary
 
@@ -97,9 +98,11 @@ def side_by_side(rows, uniform):
     return "\n".join(lines)
 
 
-def save_comparison_grid(models, split, path, count=8):
-    """PNG: per conflicting test image, the image, AIM's masks (dropped positions dimmed), AIM's
-    GradCAM and the baseline's GradCAM (on the true class), the object outlined."""
+def save_comparison_grid(models, split, path, per_group=2):
+    """PNG: ``per_group`` test images of every (class, background) group, the groups whose
+    background contradicts the class first; per image the image, AIM's masks (dropped positions
+    dimmed, an empty mask titled so), AIM's GradCAM and the baseline's GradCAM (on the true
+    class), the object outlined."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +110,8 @@ def save_comparison_grid(models, split, path, count=8):
 
     from aim.evaluate import gradcam
 
-    shown = torch.nonzero(split.labels != split.backgrounds).flatten()[:count]
+    groups = sorted(range(4), key=lambda g: (g // 2 == g % 2, g))  # conflicting groups first
+    shown = torch.cat([torch.nonzero(split.groups == g).flatten()[:per_group] for g in groups])
     images, labels = split.images[shown], split.labels[shown]
     size = images.shape[-2:]
     with torch.no_grad():
@@ -124,7 +128,8 @@ def save_comparison_grid(models, split, path, count=8):
         picture = images[i].permute(1, 2, 0).numpy()
         outline = split.foregrounds[shown[i], 0].numpy()
         panels = [("image\n" + split.class_names[labels[i]] + " on " + split.background_names[split.backgrounds[shown[i]]], picture, None)]
-        panels += [(f"AIM mask {name}", picture * (0.15 + 0.85 * m[i].numpy()[..., None]), None) for name, m in masks.items()]
+        panels += [(f"AIM mask {name}" + (" EMPTY" if not m[i].any() else ""), picture * (0.15 + 0.85 * m[i].numpy()[..., None]), None)
+                   for name, m in masks.items()]
         panels += [(f"AIM GradCAM\npred {split.class_names[aim_out.logits[i].argmax()]}", picture, cams["aim"][i].numpy()),
                    (f"baseline GradCAM\npred {split.class_names[baseline_pred[i]]}", picture, cams["baseline"][i].numpy())]
         for ax, (title, shown_picture, heat) in zip(axes[i], panels):
@@ -133,7 +138,7 @@ def save_comparison_grid(models, split, path, count=8):
                 ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
             ax.contour(outline, levels=[0.5], colors="red", linewidths=0.6)
             ax.axis("off")
-            if i == 0 or heat is not None or title.startswith("image"):
+            if i == 0 or heat is not None or title.startswith("image") or title.endswith("EMPTY"):
                 ax.set_title(title, fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

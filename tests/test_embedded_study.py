@@ -123,7 +123,7 @@ def test_demo_runs_the_protocol_and_caches_the_pretrained_backbone(tmp_path, mon
     printed = capsys.readouterr().out
     assert "pretrained backbone (trained now)" in printed
     assert "worst-group accuracy" in printed and "EPG of mask, stage 2" in printed and "EPG of GradCAM" in printed
-    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     for kind in ("baseline", "aim"):
         record = summary["records"][kind]
         assert record["test"]["num_samples"] == 64
@@ -133,10 +133,10 @@ def test_demo_runs_the_protocol_and_caches_the_pretrained_backbone(tmp_path, mon
     assert set(summary["table"]["aim"]["epg_masks"]) == {"2", "3"}
     assert summary["table"]["baseline"]["epg_masks"] == {}
     assert [row["tau"] for row in summary["records"]["aim"]["val_curve"]] == [1.0, 0.25]
-    assert (tmp_path / "out" / "conflicting_test_images.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "out" / "test_images.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(args) == 0  # the second run finds the backbone in the cache
     assert "pretrained backbone (from the cache)" in capsys.readouterr().out
-    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
 
     # The same task from disk: `aim eval` of the demo's checkpoints prints the demo's test numbers.
     data = tmp_path / "data"
