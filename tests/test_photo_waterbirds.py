@@ -45,6 +45,13 @@ def test_metadata_groups(written):
     for split in (1, 2):
         assert _groups(read, split) == {(y, p): 4 for y in (0, 1) for p in (0, 1)}
     assert all(r["img_filename"].startswith(f"images/{photos.CLASS_NAMES[int(r['y'])]}/") for r in read)
+    # The name columns: the WaterBirds reader names classes and groups after them.
+    from aim.data.transforms import eval_transform
+    from aim.data.waterbirds import waterbirds_split
+
+    split = waterbirds_split(str(root / "a"), "test", eval_transform(SIZE))
+    assert split.class_names == list(photos.CLASS_NAMES)
+    assert split.group_names == [f"{c}/{p}" for c in photos.CLASS_NAMES for p in photos.PLACE_NAMES]
 
 
 def test_full_correlation_train_has_two_groups(tmp_path, monkeypatch):

@@ -222,4 +222,5 @@ def write_photo_waterbirds(root, spurious_correlation=1.0, seed=0, image_size=64
     for split in ("train", "val", "test"):
         splits[split], foregrounds[split] = make_photo_split(sources, split, counts[split], image_size,
                                                              spurious_correlation, seed)
-    return save_waterbirds_layout(root, splits, image_format, class_names=CLASS_NAMES, foregrounds=foregrounds)
+    return save_waterbirds_layout(root, splits, image_format, class_names=CLASS_NAMES, foregrounds=foregrounds,
+                                  place_names=PLACE_NAMES)
