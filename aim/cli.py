@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from aim.backbones import BACKBONE_NAMES
+from aim.data.transforms import PREPROCESSINGS
 from aim.train import SMALL_BACKBONE
 
 
@@ -54,7 +55,7 @@ def build_parser():
     train.add_argument("--backbone-lr", type=float, default=None, help="learning rate of the backbone (default: --lr)")
     train.add_argument("--weight-decay", type=float, default=1e-4)
     train.add_argument("--image-size", type=int, default=224)
-    train.add_argument("--preprocessing", choices=("imagenet", "raw"), default="imagenet",
+    train.add_argument("--preprocessing", choices=PREPROCESSINGS, default="imagenet",
                        help="imagenet: random resized crop + flip in training, resize + center crop in evaluation, "
                             "ImageNet normalization (group_DRO's); raw: images as they are (--image-size square, values "
                             "in [0, 1]), as `aim demo` trains on the embedded benchmark (`aim data embedded` writes it)")

@@ -74,7 +74,6 @@ class _Sums:
             offset += size
 
 
-@torch.no_grad()
 def group_counts(dataset):
     """Images per group of a split (the training split's: the weights of weighted accuracy), or
     None for layouts without groups."""
@@ -90,6 +89,7 @@ def weighted_accuracy(group_accuracy, weights):
     return sum(a * w for a, w in pairs) / total if total else None
 
 
+@torch.no_grad()
 def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=None, channels_last=False,
              with_gradcam=True, with_audit=True, rank=0, world_size=1, group_weights=None):
     """Metrics of ``model`` on ``dataset`` (an :class:`aim.data.SampleDataset`) as a JSON-ready dict.

@@ -108,8 +108,8 @@ def write_task(root, settings):
     train, val, test, unseen = task_splits(settings)
     layouts = ((root, {"train": train, "val": val, "test": test}), (os.path.join(root, "unseen_scenes"), {"test": unseen}))
     for folder, splits in layouts:
-        names = next(iter(splits.values()))
-        save_waterbirds_layout(folder, splits, "png", class_names=names.class_names, place_names=names.background_names,
+        first = next(iter(splits.values()))  # every split of a folder has the same class and place names
+        save_waterbirds_layout(folder, splits, "png", class_names=first.class_names, place_names=first.background_names,
                                foregrounds={split: data.foregrounds[:, 0] for split, data in splits.items()})
     return {"train": train, "val": val, "test": test, "unseen_scenes/test": unseen}
 
@@ -166,8 +166,7 @@ def finetune(kind, weights, train, val, test, out, seed=0, threads=1, overrides=
     _, history = fit(config, train.as_dataset(), val.as_dataset(), log=log)
     checkpoint = load_checkpoint(os.path.join(out, "best.pt"))
     model = model_from_checkpoint(checkpoint)
-    weights_of_groups = checkpoint["train_group_counts"]
-    result = evaluate_test(model, test, group_weights=weights_of_groups)
+    result = evaluate_test(model, test, group_weights=checkpoint["train_group_counts"])
     if unseen is not None:
         result["unseen_scenes"] = evaluate_test(model, unseen)
     return {"kind": kind, "settings": recorded_settings(config), "seed": seed, "best_epoch": checkpoint["epoch"],
