@@ -6,6 +6,7 @@ import sys
 
 from aim.backbones import BACKBONE_NAMES
 from aim.data.transforms import PREPROCESSINGS
+from aim.topdown import MASK_BUDGETS
 from aim.train import SMALL_BACKBONE
 
 
@@ -48,6 +49,9 @@ def build_parser():
                             "on the batch's, the paper's term, whose masks can encode the class in their area")
     train.add_argument("--pooling", choices=("all", "active"), default="all",
                        help="AIM: classifiers average the masked map over all positions or over the active ones only")
+    train.add_argument("--mask-budget", choices=MASK_BUDGETS, default="loss",
+                       help="AIM: 'loss' (the paper's): the mask loss pulls each mask's area towards tau; 'fixed': every "
+                            "image keeps exactly tau of each stage's positions (its highest logits), so the area carries nothing")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--anneal-epochs", type=int, default=10, help="epochs over which tau goes from 1.0 to --target")
     train.add_argument("--batch-size", type=int, default=32, help="global batch (split over processes)")

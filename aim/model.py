@@ -47,12 +47,14 @@ class AIM(nn.Module):
             (``FusedTopDownMask``'s option of that name).
         mask_saliency_prior: the mask estimators add a learned multiple of the stage map's
             standardized log energy to their logits (``FusedTopDownMask``'s option of that name).
+        mask_budget: "loss" or "fixed", whether the mask loss or a per-image quantile sets how
+            much of each stage a mask keeps (``FusedTopDownMask``'s option of that name).
     """
 
     def __init__(self, backbone, num_classes, depth=2, target=0.25, out_channels=256, mask_hidden_channels=128,
                  temperature=1.0, weights=None, stage_channels=None, use_reference=False, sparse_eval=True,
                  initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=True, pooling="all",
-                 mask_saliency_prior=False):
+                 mask_saliency_prior=False, mask_budget="loss"):
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, weights=weights)
@@ -68,7 +70,7 @@ class AIM(nn.Module):
                                         mask_hidden_channels=mask_hidden_channels, use_reference=use_reference,
                                         sparse_eval=sparse_eval, initial_mask_logit=initial_mask_logit,
                                         mask_topdown_context=mask_topdown_context, pooling=pooling,
-                                        mask_saliency_prior=mask_saliency_prior)
+                                        mask_saliency_prior=mask_saliency_prior, mask_budget=mask_budget)
         # One classifier per top-down stage (on O_l), finest first like the stage dicts.
         self.stage_classifiers = nn.ModuleList([nn.Linear(out_channels, num_classes) for _ in range(self.topdown.depth)])
         self.classifier = nn.Linear(out_channels, num_classes)

@@ -24,6 +24,7 @@ from aim_kernels.gumbel_binarize import draw_seed
 INITIAL_MASK_LOGIT = 2.0
 SALIENCY_WEIGHT = 2.0  # initial weight of the saliency prior: active where z > -1 at the initial logit
 POOLINGS = ("all", "active")
+MASK_BUDGETS = ("loss", "fixed")
 
 
 def reference_gumbel_binarize(logits, temperature=1.0, *, training=True):
@@ -145,6 +146,14 @@ class FusedTopDownMask(nn.Module):
             the area can carry the class) or "active" (the mean over the active positions only:
             of B_l for a stage's O_l, of the union of the upsampled masks for F_depth; an empty
             mask pools to 0). The active count is a constant in the backward pass.
+        mask_budget: how much of each stage a mask keeps. "loss" (the paper's): whatever the
+            estimator decides, pulled towards tau by the mask loss -- so the area can differ
+            between images, and then carry the class. "fixed": every image keeps the same share
+            of each stage's positions, the buffer ``active_fraction`` (the target, or the annealed
+            tau the training loop sets): eval masks are exactly the round(fraction * H * W)
+            highest logits of each image (ties broken by position), train masks Gumbel-threshold
+            the logits shifted per image to that quantile. The area then carries nothing; the
+            estimator only chooses where.
 
     Train mode samples Gumbel masks; eval mode thresholds the logits at 0. The masks of the last
     forward are kept (detached) in ``last_masks``; ``forward(x, return_masks=True)`` returns
@@ -154,7 +163,7 @@ class FusedTopDownMask(nn.Module):
     def __init__(self, in_channels_list, out_channels, depth=None, temperature=1.0, target=0.25,
                  mask_hidden_channels=128, use_reference=False, sparse_eval=True,
                  initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=False, pooling="all",
-                 mask_saliency_prior=False):
+                 mask_saliency_prior=False, mask_budget="loss"):
         super().__init__()
         in_channels_list = list(in_channels_list)
         if not in_channels_list or not all(isinstance(c, int) and c > 0 for c in in_channels_list):
@@ -172,7 +181,12 @@ class FusedTopDownMask(nn.Module):
             raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if mask_budget not in MASK_BUDGETS:
+            raise ValueError(f"mask_budget must be one of {', '.join(MASK_BUDGETS)}, got {mask_budget!r}")
         self.pooling = pooling
+        self.mask_budget = mask_budget
+        if mask_budget == "fixed":  # a buffer: checkpoints keep the fraction their masks were made at
+            self.register_buffer("active_fraction", torch.tensor(float(target)))
         self.in_channels_list = in_channels_list
         self.out_channels = out_channels
         self.depth = depth
@@ -200,7 +214,7 @@ class FusedTopDownMask(nn.Module):
         return (f"in_channels_list={self.in_channels_list}, out_channels={self.out_channels}, depth={self.depth}, "
                 f"temperature={self.temperature}, target={self.target}, use_reference={self.use_reference}, "
                 f"sparse_eval={self.sparse_eval}, mask_topdown_context={self.mask_topdown_context}, pooling={self.pooling!r}, "
-                f"mask_saliency_prior={self.mask_saliency_prior}")
+                f"mask_saliency_prior={self.mask_saliency_prior}, mask_budget={self.mask_budget!r}")
 
     def forward(self, x, return_masks=False):
         result = self.run(x)
@@ -219,15 +233,13 @@ class FusedTopDownMask(nn.Module):
         names = self._check_input(x)
         merge = reference.topdown_merge if self.use_reference else aim_kernels.topdown_merge
         masked_conv = reference.masked_conv2d if self.use_reference else aim_kernels.masked_conv2d
-        binarize = reference_gumbel_binarize if self.use_reference else aim_kernels.gumbel_binarize
         sparse = self.sparse_eval and not self.training
         run_names = names[len(names) - self.depth:]
         features, masks, pooled = {}, {}, {}
         prev = None
         for i in reversed(range(self.depth)):
             stage = x[run_names[i]]
-            mask = binarize(self.mask_estimators[i](self._mask_input(stage, prev)), self.temperature,
-                            training=self.training and self.gumbel_noise)
+            mask = self._binarize(self.mask_estimators[i](self._mask_input(stage, prev)))
             if sparse:  # T_l only where the mask is active, fused with the merge
                 # in the input's dtype, as autocast runs the dense path's conv (a custom op is not autocast)
                 weight, bias = self.lateral[i].weight.to(stage.dtype), self.lateral[i].bias.to(stage.dtype)
@@ -263,11 +275,9 @@ class FusedTopDownMask(nn.Module):
             result = self.run(x, pool_stage_outputs=True)
             return result.masks, result.pooled_stage_outputs, self.pool_final(result.features, result.masks)
         names = self._check_input(x)
-        binarize = reference_gumbel_binarize if self.use_reference else aim_kernels.gumbel_binarize
         run_names = names[len(names) - self.depth:]
         final_size = x[run_names[0]].shape[-2:]
-        masks = [binarize(self.mask_estimators[i](x[name]), self.temperature, training=self.training)
-                 for i, name in enumerate(run_names)]
+        masks = [self._binarize(self.mask_estimators[i](x[name])) for i, name in enumerate(run_names)]
         final_divisor = self._pool_divisor(masks, final_size)[:, :, None, None]
         pooled, pooled_final = {}, 0
         for i, (name, mask) in enumerate(zip(run_names, masks)):
@@ -300,6 +310,18 @@ class FusedTopDownMask(nn.Module):
             union = up if union is None else torch.maximum(union, up)
         return (union != 0).flatten(1).sum(1, keepdim=True).to(masks[0].dtype).clamp_min(1)
 
+    def _binarize(self, logits):
+        """B_l from M_l's logits: Gumbel straight-through in train mode (thresholded without
+        noise when ``gumbel_noise`` is off), thresholded at 0 in eval mode; with the fixed
+        budget, the logits shifted to each image's quantile in train mode and the top
+        ``active_fraction`` of them in eval mode."""
+        if self.mask_budget == "fixed":
+            if not self.training:
+                return top_fraction_mask(logits, self.active_fraction)
+            logits = logits - budget_threshold(logits, self.active_fraction)
+        binarize = reference_gumbel_binarize if self.use_reference else aim_kernels.gumbel_binarize
+        return binarize(logits, self.temperature, training=self.training and self.gumbel_noise)
+
     def _mask_input(self, stage, prev):
         """What M_l reads: S_l, or with mask_topdown_context S_l and up(F_l+1) (the merge's upsampling)."""
         if not self.mask_topdown_context or prev is None:
@@ -326,6 +348,36 @@ class FusedTopDownMask(nn.Module):
                 raise ValueError(f"stage maps must be ordered finest first: stage {name!r} is {size[0]}x{size[1]}, larger than the stage before it ({previous_size[0]}x{previous_size[1]})")
             previous_size = size
         return names
+
+
+def _budget_count(fraction, positions):
+    """(1, 1) long tensor: round(fraction * positions), at least 1 (a mask is never empty)."""
+    return (fraction.detach() * positions).round().long().clamp(1, positions).view(1, 1)
+
+
+def budget_threshold(logits, fraction):
+    """(N, 1, 1, 1), detached: per image, a value between its k-th and (k+1)-th highest logit,
+    k = round(fraction * H * W), so ``logits - threshold > 0`` keeps exactly the top k (below
+    the lowest logit when k is every position). Tensor ops only: no graph break under compile."""
+    flat = logits.detach().flatten(1)
+    positions = flat.shape[1]
+    k = _budget_count(fraction, positions).expand(flat.shape[0], 1)
+    values = flat.sort(dim=1, descending=True).values
+    kth = values.gather(1, k - 1)
+    following = values.gather(1, k.clamp(max=positions - 1))
+    threshold = torch.where(k < positions, (kth + following) / 2, kth - 1)
+    return threshold.view(-1, 1, 1, 1)
+
+
+def top_fraction_mask(logits, fraction):
+    """{0, 1} mask of ``logits``' shape, exactly the k = round(fraction * H * W) highest logits
+    of each image (at least 1), ties broken by position (a stable sort), so constant regions
+    still give k positions."""
+    flat = logits.detach().flatten(1)
+    positions = flat.shape[1]
+    order = flat.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(positions, device=flat.device).expand_as(order))
+    return (ranks < _budget_count(fraction, positions)).to(logits.dtype).view_as(logits)
 
 
 def _pooled_lateral(conv, stage, weights):

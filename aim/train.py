@@ -29,7 +29,7 @@ from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, buil
 from aim.data.transforms import PREPROCESSINGS
 from aim.evaluate import evaluate, group_counts, logits_of, mask_stage_names, selection_metric
 from aim.errors import UsageError
-from aim.topdown import POOLINGS
+from aim.topdown import MASK_BUDGETS, POOLINGS
 
 CHECKPOINT_FORMAT = "aim-train-checkpoint-1"
 # A 4-stage SmallConvNet (aim.backbones) for toy data and tests, next to the torchvision names.
@@ -80,6 +80,7 @@ class TrainConfig:
     mask_saliency_prior: bool = False   # AIM: mask logits + a learned multiple of the stage map's standardized log energy
     per_image_mask_loss: bool = True    # AIM: mask loss on each image's active fraction, not the batch's
     pooling: str = "all"            # AIM: classifiers average over all positions ("all") or the active ones ("active")
+    mask_budget: str = "loss"       # AIM: the mask loss sets each mask's area ("loss") or every image keeps tau of each stage ("fixed")
 
     def check(self):
         if self.model not in ("aim", "baseline"):
@@ -88,6 +89,8 @@ class TrainConfig:
             raise UsageError(f"--backbone must be one of {', '.join(BACKBONE_NAMES + (SMALL_BACKBONE,))}, got {self.backbone!r}")
         if self.pooling not in POOLINGS:
             raise UsageError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.mask_budget not in MASK_BUDGETS:
+            raise UsageError(f"--mask-budget must be one of {', '.join(MASK_BUDGETS)}, got {self.mask_budget!r}")
         if self.preprocessing not in PREPROCESSINGS:
             raise UsageError(f"--preprocessing must be one of {', '.join(PREPROCESSINGS)}, got {self.preprocessing!r}")
         if self.amp not in AMP_DTYPES:
@@ -119,7 +122,8 @@ def build_model(config, num_classes):
                    out_channels=config.topdown_channels, mask_hidden_channels=config.mask_channels,
                    temperature=config.temperature, use_reference=config.use_reference,
                    initial_mask_logit=config.initial_mask_logit, mask_topdown_context=config.mask_topdown_context,
-                   pooling=config.pooling, mask_saliency_prior=config.mask_saliency_prior)
+                   pooling=config.pooling, mask_saliency_prior=config.mask_saliency_prior,
+                   mask_budget=config.mask_budget)
 
 
 def build_run_backbone(config):
@@ -376,6 +380,8 @@ def _fit(config, train_set, val_set, resume, ranks, log):
         tau = schedule(epoch)
         if is_aim:
             raw_model.topdown.gumbel_noise = epoch < config.epochs - config.noise_off_epochs
+            if config.mask_budget == "fixed":  # the masks keep the annealed tau, in training and in this epoch's val
+                raw_model.topdown.active_fraction.fill_(tau)
         backbone_frozen = epoch < config.backbone_frozen_epochs
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         # Summed on the device: reading them every step would synchronize a GPU.

@@ -1,4 +1,4 @@
-"""The study options of AIM's masks: mask_topdown_context, per_image_mask_loss and mask_saliency_prior."""
+"""The study options of AIM's masks: mask_topdown_context, per_image_mask_loss, mask_saliency_prior and mask_budget."""
 from collections import OrderedDict
 
 import pytest
@@ -134,3 +134,92 @@ def test_train_config_plumbs_the_saliency_prior():
     model = build_model(config, 2)
     assert model.topdown.mask_saliency_prior and all(e.saliency_weight is not None for e in model.topdown.mask_estimators)
     assert not build_model(TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8), 2).topdown.mask_saliency_prior
+
+
+def fixed_budget_pathway(fraction=0.3):
+    torch.manual_seed(0)
+    topdown = aim.FusedTopDownMask(STAGE_CHANNELS, 5, depth=3, mask_hidden_channels=4, mask_budget="fixed", target=fraction)
+    return topdown
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 1.0])
+def test_fixed_budget_eval_masks_are_exactly_each_images_top_logits(fraction):
+    topdown = fixed_budget_pathway(fraction).eval()
+    x = stages()
+    with torch.no_grad():
+        masks = topdown(x, return_masks=True)[1]
+        for i, name in enumerate(x):
+            logits = topdown.mask_estimators[i](topdown._mask_input(x[name], None if i == 2 else topdown(x)[list(x)[i + 1]]))
+            positions = logits[0].numel()
+            k = max(1, round(fraction * positions))
+            for image in range(2):
+                kept = masks[name][image].flatten().bool()
+                assert kept.sum().item() == k  # every image the same area, never empty
+                values = logits[image].flatten()
+                if k < positions:
+                    assert values[kept].min() >= values[~kept].max()  # the highest logits
+
+
+def test_fixed_budget_keeps_its_count_on_constant_input():
+    """Ties (a plain background gives equal logits): still exactly k positions, the first ones."""
+    from aim.topdown import top_fraction_mask
+
+    mask = top_fraction_mask(torch.zeros(3, 1, 4, 5), torch.tensor(0.25))
+    assert mask.flatten(1).sum(1).tolist() == [5.0] * 3
+    assert torch.equal(mask[0, 0, 1], torch.zeros(5)) and torch.equal(mask[0, 0, 0], torch.ones(5))
+
+
+def test_fixed_budget_train_masks_keep_the_fraction_and_pass_gradients():
+    topdown = fixed_budget_pathway(0.3).train()
+    topdown.gumbel_noise = False  # thresholded: exactly the top k of each image
+    x = stages()
+    masks = topdown(x, return_masks=True)[1]
+    for name, mask in masks.items():
+        positions = mask[0].numel()
+        assert mask.flatten(1).sum(1).tolist() == [max(1, round(0.3 * positions))] * 2
+    sum(m.sum() for m in masks.values()).backward()  # straight-through: the estimators get gradients
+    assert all(e.to_logit.weight.grad.abs().sum() > 0 for e in topdown.mask_estimators)
+    topdown.zero_grad()
+    topdown.gumbel_noise = True
+    torch.manual_seed(0)
+    noisy = topdown(OrderedDict((k, v.repeat(50, 1, 1, 1)) for k, v in x.items()), return_masks=True)[1]
+    finest = noisy["s0"].flatten(1).mean(1)
+    assert abs(finest.mean().item() - 0.3) < 0.1  # Gumbel noise moves positions in and out around the quantile
+
+
+def test_fixed_budget_follows_its_fraction_buffer_and_the_checkpoint_keeps_it():
+    topdown = fixed_budget_pathway(0.25).eval()
+    assert topdown.active_fraction.item() == 0.25
+    topdown.active_fraction.fill_(0.5)
+    x = stages()
+    with torch.no_grad():
+        assert topdown(x, return_masks=True)[1]["s0"][0].sum().item() == round(0.5 * 81)
+    restored = fixed_budget_pathway(0.25)
+    restored.load_state_dict(topdown.state_dict())
+    assert restored.active_fraction.item() == 0.5
+    assert "active_fraction" not in aim.FusedTopDownMask(STAGE_CHANNELS, 5).state_dict()  # loss budget: no buffer
+
+
+def test_fixed_budget_sparse_eval_equals_the_dense_path_and_compiles():
+    torch.manual_seed(0)
+    model = aim.AIM(SmallConvNet(), num_classes=3, out_channels=8, mask_hidden_channels=8, mask_budget="fixed").eval()
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        sparse = model(images)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(images)
+        model.topdown.sparse_eval = False
+        dense = model(images)
+    for name in dense.masks:
+        assert torch.equal(sparse.masks[name], dense.masks[name])
+        assert torch.equal(compiled.masks[name], dense.masks[name])
+    torch.testing.assert_close(sparse.logits, dense.logits)
+
+
+def test_mask_budget_is_validated_and_plumbed():
+    with pytest.raises(ValueError, match="mask_budget must be one of"):
+        aim.FusedTopDownMask(STAGE_CHANNELS, 5, mask_budget="soft")
+    config = TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8, mask_budget="fixed")
+    assert build_model(config, 2).topdown.mask_budget == "fixed"
+    from aim.errors import UsageError
+    with pytest.raises(UsageError, match="--mask-budget"):
+        TrainConfig(mask_budget="soft").check()

@@ -317,3 +317,15 @@ def test_backbone_frozen_epochs_leave_the_backbone_weights_and_train_the_rest(wa
     assert not all(torch.equal(runs[0]["model"][k], initial[k]) for k in weights)  # unfrozen: the backbone moves
     head = [k for k in initial if not k.startswith("backbone.") and initial[k].is_floating_point()]
     assert not all(torch.equal(runs[1]["model"][k], initial[k]) for k in head)
+
+
+def test_fixed_mask_budget_follows_the_annealed_tau_and_eval_masks_keep_it(waterbirds, tmp_path):
+    root, _ = waterbirds
+    run = tmp_path / "fixed"
+    assert main(["train", "--data", str(root), "--out", str(run), "--epochs", "2", "--mask-budget", "fixed",
+                 "--target", "0.3", *TINY]) == 0
+    log = read_log(run)
+    assert [row["tau"] for row in log] == [1.0, 0.3]
+    assert torch.load(run / "last.pt", weights_only=True)["model"]["topdown.active_fraction"].item() == pytest.approx(0.3)
+    for stage in log[1]["val"]["mask_area_leak"].values():  # exactly round(0.3 * positions) in every image
+        assert stage["empty_share"] == 0.0 and stage["auc_class"] == 0.5
