@@ -50,8 +50,9 @@ def build_parser():
     train.add_argument("--pooling", choices=("all", "active"), default="all",
                        help="AIM: classifiers average the masked map over all positions or over the active ones only")
     train.add_argument("--mask-budget", choices=MASK_BUDGETS, default="loss",
-                       help="AIM: 'loss' (the paper's): the mask loss pulls each mask's area towards tau; 'fixed': every "
-                            "image keeps exactly tau of each stage's positions (its highest logits), so the area carries nothing")
+                       help="AIM: 'loss' (the paper's): the mask loss pulls each mask's area towards tau; 'eval': so in "
+                            "training, and at eval every image keeps exactly tau of each stage's positions (its highest logits), "
+                            "so the area carries nothing; 'fixed': exactly tau in training too")
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--anneal-epochs", type=int, default=10, help="epochs over which tau goes from 1.0 to --target")
     train.add_argument("--batch-size", type=int, default=32, help="global batch (split over processes)")

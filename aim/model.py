@@ -47,8 +47,8 @@ class AIM(nn.Module):
             (``FusedTopDownMask``'s option of that name).
         mask_saliency_prior: the mask estimators add a learned multiple of the stage map's
             standardized log energy to their logits (``FusedTopDownMask``'s option of that name).
-        mask_budget: "loss" or "fixed", whether the mask loss or a per-image quantile sets how
-            much of each stage a mask keeps (``FusedTopDownMask``'s option of that name).
+        mask_budget: "loss", "eval" or "fixed": whether the mask loss or a per-image quantile sets
+            how much of each stage a mask keeps (``FusedTopDownMask``'s option of that name).
     """
 
     def __init__(self, backbone, num_classes, depth=2, target=0.25, out_channels=256, mask_hidden_channels=128,

@@ -24,7 +24,7 @@ from aim_kernels.gumbel_binarize import draw_seed
 INITIAL_MASK_LOGIT = 2.0
 SALIENCY_WEIGHT = 2.0  # initial weight of the saliency prior: active where z > -1 at the initial logit
 POOLINGS = ("all", "active")
-MASK_BUDGETS = ("loss", "fixed")
+MASK_BUDGETS = ("loss", "eval", "fixed")
 
 
 def reference_gumbel_binarize(logits, temperature=1.0, *, training=True):
@@ -147,13 +147,13 @@ class FusedTopDownMask(nn.Module):
             of B_l for a stage's O_l, of the union of the upsampled masks for F_depth; an empty
             mask pools to 0). The active count is a constant in the backward pass.
         mask_budget: how much of each stage a mask keeps. "loss" (the paper's): whatever the
-            estimator decides, pulled towards tau by the mask loss -- so the area can differ
-            between images, and then carry the class. "fixed": every image keeps the same share
-            of each stage's positions, the buffer ``active_fraction`` (the target, or the annealed
-            tau the training loop sets): eval masks are exactly the round(fraction * H * W)
-            highest logits of each image (ties broken by position), train masks Gumbel-threshold
-            the logits shifted per image to that quantile. The area then carries nothing; the
-            estimator only chooses where.
+            estimator decides, pulled towards tau by the mask loss in training -- so the area can
+            differ between images, and then carry the class. "eval": trained so, but eval masks
+            are exactly the round(f * H * W) highest logits of each image (ties broken by
+            position), f the buffer ``active_fraction`` (the target, or the annealed tau the
+            training loop sets): every image's masks have the same area, which then carries
+            nothing, and none is empty. "fixed": the same in training too, the logits shifted per
+            image to that quantile before the Gumbel threshold.
 
     Train mode samples Gumbel masks; eval mode thresholds the logits at 0. The masks of the last
     forward are kept (detached) in ``last_masks``; ``forward(x, return_masks=True)`` returns
@@ -185,7 +185,7 @@ class FusedTopDownMask(nn.Module):
             raise ValueError(f"mask_budget must be one of {', '.join(MASK_BUDGETS)}, got {mask_budget!r}")
         self.pooling = pooling
         self.mask_budget = mask_budget
-        if mask_budget == "fixed":  # a buffer: checkpoints keep the fraction their masks were made at
+        if mask_budget != "loss":  # a buffer: checkpoints keep the fraction their masks were made at
             self.register_buffer("active_fraction", torch.tensor(float(target)))
         self.in_channels_list = in_channels_list
         self.out_channels = out_channels
@@ -303,7 +303,7 @@ class FusedTopDownMask(nn.Module):
         at least 1 (an empty mask's map is 0 and pools to 0)."""
         n = masks[0].shape[0]
         if self.pooling == "all":
-            return masks[0].new_full((n, 1), float(size[0] * size[1]))
+            return masks[0].new_full((n, 1), size[0] * size[1])  # no float(): under FX the size is a Proxy
         union = None
         for mask in masks:
             up = torch.nn.functional.interpolate(mask.detach(), size=tuple(size), mode="nearest") if tuple(mask.shape[-2:]) != tuple(size) else mask.detach()
@@ -312,12 +312,12 @@ class FusedTopDownMask(nn.Module):
 
     def _binarize(self, logits):
         """B_l from M_l's logits: Gumbel straight-through in train mode (thresholded without
-        noise when ``gumbel_noise`` is off), thresholded at 0 in eval mode; with the fixed
-        budget, the logits shifted to each image's quantile in train mode and the top
-        ``active_fraction`` of them in eval mode."""
+        noise when ``gumbel_noise`` is off), thresholded at 0 in eval mode; per ``mask_budget``,
+        the top ``active_fraction`` of them in eval mode and the logits shifted to each image's
+        quantile in train mode."""
+        if self.mask_budget != "loss" and not self.training:
+            return top_fraction_mask(logits, self.active_fraction)
         if self.mask_budget == "fixed":
-            if not self.training:
-                return top_fraction_mask(logits, self.active_fraction)
             logits = logits - budget_threshold(logits, self.active_fraction)
         binarize = reference_gumbel_binarize if self.use_reference else aim_kernels.gumbel_binarize
         return binarize(logits, self.temperature, training=self.training and self.gumbel_noise)

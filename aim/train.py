@@ -80,7 +80,7 @@ class TrainConfig:
     mask_saliency_prior: bool = False   # AIM: mask logits + a learned multiple of the stage map's standardized log energy
     per_image_mask_loss: bool = True    # AIM: mask loss on each image's active fraction, not the batch's
     pooling: str = "all"            # AIM: classifiers average over all positions ("all") or the active ones ("active")
-    mask_budget: str = "loss"       # AIM: the mask loss sets each mask's area ("loss") or every image keeps tau of each stage ("fixed")
+    mask_budget: str = "loss"       # AIM: the mask loss sets each mask's area ("loss"), every image keeps exactly tau of each stage at eval ("eval") or in training too ("fixed")
 
     def check(self):
         if self.model not in ("aim", "baseline"):
@@ -380,7 +380,7 @@ def _fit(config, train_set, val_set, resume, ranks, log):
         tau = schedule(epoch)
         if is_aim:
             raw_model.topdown.gumbel_noise = epoch < config.epochs - config.noise_off_epochs
-            if config.mask_budget == "fixed":  # the masks keep the annealed tau, in training and in this epoch's val
+            if config.mask_budget != "loss":  # the masks keep the annealed tau (this epoch's val; training too with "fixed")
                 raw_model.topdown.active_fraction.fill_(tau)
         backbone_frozen = epoch < config.backbone_frozen_epochs
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}

@@ -136,15 +136,15 @@ def test_train_config_plumbs_the_saliency_prior():
     assert not build_model(TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8), 2).topdown.mask_saliency_prior
 
 
-def fixed_budget_pathway(fraction=0.3):
+def fixed_budget_pathway(fraction=0.3, budget="fixed"):
     torch.manual_seed(0)
-    topdown = aim.FusedTopDownMask(STAGE_CHANNELS, 5, depth=3, mask_hidden_channels=4, mask_budget="fixed", target=fraction)
-    return topdown
+    return aim.FusedTopDownMask(STAGE_CHANNELS, 5, depth=3, mask_hidden_channels=4, mask_budget=budget, target=fraction)
 
 
+@pytest.mark.parametrize("budget", ["eval", "fixed"])
 @pytest.mark.parametrize("fraction", [0.05, 0.3, 1.0])
-def test_fixed_budget_eval_masks_are_exactly_each_images_top_logits(fraction):
-    topdown = fixed_budget_pathway(fraction).eval()
+def test_fixed_budget_eval_masks_are_exactly_each_images_top_logits(fraction, budget):
+    topdown = fixed_budget_pathway(fraction, budget).eval()
     x = stages()
     with torch.no_grad():
         masks = topdown(x, return_masks=True)[1]
@@ -187,6 +187,16 @@ def test_fixed_budget_train_masks_keep_the_fraction_and_pass_gradients():
     assert abs(finest.mean().item() - 0.3) < 0.1  # Gumbel noise moves positions in and out around the quantile
 
 
+def test_eval_budget_trains_as_the_loss_budget_does():
+    x = stages()
+    masks = {}
+    for budget in ("loss", "eval"):
+        topdown = fixed_budget_pathway(0.3, budget).train()
+        torch.manual_seed(1)
+        masks[budget] = topdown(x, return_masks=True)[1]
+    assert all(torch.equal(masks["loss"][k], masks["eval"][k]) for k in masks["loss"])
+
+
 def test_fixed_budget_follows_its_fraction_buffer_and_the_checkpoint_keeps_it():
     topdown = fixed_budget_pathway(0.25).eval()
     assert topdown.active_fraction.item() == 0.25
@@ -200,9 +210,10 @@ def test_fixed_budget_follows_its_fraction_buffer_and_the_checkpoint_keeps_it():
     assert "active_fraction" not in aim.FusedTopDownMask(STAGE_CHANNELS, 5).state_dict()  # loss budget: no buffer
 
 
-def test_fixed_budget_sparse_eval_equals_the_dense_path_and_compiles():
+@pytest.mark.parametrize("budget", ["eval", "fixed"])
+def test_fixed_budget_sparse_eval_equals_the_dense_path_and_compiles(budget):
     torch.manual_seed(0)
-    model = aim.AIM(SmallConvNet(), num_classes=3, out_channels=8, mask_hidden_channels=8, mask_budget="fixed").eval()
+    model = aim.AIM(SmallConvNet(), num_classes=3, out_channels=8, mask_hidden_channels=8, mask_budget=budget).eval()
     images = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         sparse = model(images)

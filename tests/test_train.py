@@ -319,10 +319,11 @@ def test_backbone_frozen_epochs_leave_the_backbone_weights_and_train_the_rest(wa
     assert not all(torch.equal(runs[1]["model"][k], initial[k]) for k in head)
 
 
-def test_fixed_mask_budget_follows_the_annealed_tau_and_eval_masks_keep_it(waterbirds, tmp_path):
+@pytest.mark.parametrize("budget", ["eval", "fixed"])
+def test_fixed_mask_budget_follows_the_annealed_tau_and_eval_masks_keep_it(waterbirds, tmp_path, budget):
     root, _ = waterbirds
-    run = tmp_path / "fixed"
-    assert main(["train", "--data", str(root), "--out", str(run), "--epochs", "2", "--mask-budget", "fixed",
+    run = tmp_path / budget
+    assert main(["train", "--data", str(root), "--out", str(run), "--epochs", "2", "--mask-budget", budget,
                  "--target", "0.3", *TINY]) == 0
     log = read_log(run)
     assert [row["tau"] for row in log] == [1.0, 0.3]
