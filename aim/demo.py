@@ -15,7 +15,7 @@ def run_demo(args):
     import aim_kernels
     from aim import study
     from aim.data.embedded import AREA_RANGE, FINETUNE_CLASSES, PRETRAIN_SHAPES, SCENES, TEXTURES, UNSEEN_SCENES
-    from aim.train import load_checkpoint, model_from_checkpoint
+    import aim
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -49,7 +49,7 @@ def run_demo(args):
         print(f"fine-tuning {kind} in {run}")
         records[kind] = study.finetune(kind, weights, train, val, test, run, seed=args.seed, threads=args.threads,
                                        overrides=overrides, unseen=unseen)
-        models[kind] = model_from_checkpoint(load_checkpoint(os.path.join(run, "best.pt")))
+        models[kind] = aim.load(run)
     rows = {kind: study.summary_row(record) for kind, record in records.items()}
     uniform = test.foregrounds.flatten(1).float().mean(1).mean().item()
     print(side_by_side(rows, uniform))
