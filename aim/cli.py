@@ -49,8 +49,8 @@ def build_parser():
                             "on the batch's, the paper's term, whose masks can encode the class in their area")
     train.add_argument("--pooling", choices=("all", "active"), default="all",
                        help="AIM: classifiers average the masked map over all positions or over the active ones only")
-    train.add_argument("--mask-budget", choices=MASK_BUDGETS, default="loss",
-                       help="AIM: 'loss' (the paper's): the mask loss pulls each mask's area towards tau; 'eval': so in "
+    train.add_argument("--mask-budget", choices=MASK_BUDGETS, default="eval",
+                       help="AIM: 'loss' (the paper's): the mask loss pulls each mask's area towards tau; 'eval' (default): so in "
                             "training, and at eval every image keeps exactly tau of each stage's positions (its highest logits), "
                             "so the area carries nothing; 'fixed': exactly tau in training too")
     train.add_argument("--epochs", type=int, default=30)

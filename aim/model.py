@@ -49,12 +49,15 @@ class AIM(nn.Module):
             standardized log energy to their logits (``FusedTopDownMask``'s option of that name).
         mask_budget: "loss", "eval" or "fixed": whether the mask loss or a per-image quantile sets
             how much of each stage a mask keeps (``FusedTopDownMask``'s option of that name).
+            "eval" by default: every image's eval masks keep exactly the target share of each
+            stage, so their area cannot carry the class, at the accuracy of "loss" (within 1
+            point over 3 seeds, docs/masks_and_audit.md).
     """
 
     def __init__(self, backbone, num_classes, depth=2, target=0.25, out_channels=256, mask_hidden_channels=128,
                  temperature=1.0, weights=None, stage_channels=None, use_reference=False, sparse_eval=True,
                  initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=True, pooling="all",
-                 mask_saliency_prior=False, mask_budget="loss"):
+                 mask_saliency_prior=False, mask_budget="eval"):
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, weights=weights)

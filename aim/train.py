@@ -80,7 +80,7 @@ class TrainConfig:
     mask_saliency_prior: bool = False   # AIM: mask logits + a learned multiple of the stage map's standardized log energy
     per_image_mask_loss: bool = True    # AIM: mask loss on each image's active fraction, not the batch's
     pooling: str = "all"            # AIM: classifiers average over all positions ("all") or the active ones ("active")
-    mask_budget: str = "loss"       # AIM: the mask loss sets each mask's area ("loss"), every image keeps exactly tau of each stage at eval ("eval") or in training too ("fixed")
+    mask_budget: str = "eval"       # AIM: the mask loss sets each mask's area ("loss"), every image keeps exactly tau of each stage at eval ("eval") or in training too ("fixed")
 
     def check(self):
         if self.model not in ("aim", "baseline"):
@@ -105,6 +105,15 @@ class TrainConfig:
         if self.select_annealed and self.model == "aim" and self.epochs <= self.warmup_epochs + self.anneal_epochs:
             raise UsageError(f"--select-annealed needs an epoch at the target tau: --epochs {self.epochs} must exceed "
                              f"--warmup-epochs + --anneal-epochs ({self.warmup_epochs + self.anneal_epochs})")
+
+
+# Settings that checkpoints written before they existed do not record, with the value those runs used.
+SETTINGS_BEFORE_THEY_EXISTED = {"mask_budget": "loss"}
+
+
+def saved_config(checkpoint):
+    """The settings a checkpoint was trained with, as a dict of TrainConfig fields."""
+    return {**SETTINGS_BEFORE_THEY_EXISTED, **checkpoint["config"]}
 
 
 # Settings that may change between a run and its resumption without changing its result.
@@ -173,7 +182,7 @@ def load_checkpoint(path):
 
 def model_from_checkpoint(checkpoint, device="cpu"):
     """The trained model of a checkpoint, in eval mode."""
-    config = TrainConfig(**{**checkpoint["config"], "weights": "none"})
+    config = TrainConfig(**{**saved_config(checkpoint), "weights": "none"})
     model = build_model(config, len(checkpoint["class_names"]))
     model.load_state_dict(checkpoint["model"], strict=True)
     return model.to(device).eval()
@@ -445,7 +454,7 @@ def _resume_point(config, resume, last_path, ranks):
     if not exists:
         raise UsageError(f"--resume: {last_path}: no such file")
     checkpoint = load_checkpoint(last_path)
-    saved = checkpoint["config"]
+    saved = saved_config(checkpoint)
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
                if k not in RESUMABLE_CHANGES and saved.get(k, getattr(TrainConfig, k)) != v]
     if changed:

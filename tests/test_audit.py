@@ -80,7 +80,9 @@ def marker_dataset():
 
 def marker_model(channel):
     torch.manual_seed(0)
-    model = aim.AIM(PooledImage(), num_classes=2, depth=2, stage_channels=[3, 3], out_channels=4, mask_hidden_channels=2)
+    # "loss" budget: the eval masks are the estimator's own thresholds, leaky by construction
+    model = aim.AIM(PooledImage(), num_classes=2, depth=2, stage_channels=[3, 3], out_channels=4, mask_hidden_channels=2,
+                    mask_budget="loss")
     for i in range(2):
         model.topdown.mask_estimators[i] = ChannelMask(channel)
     return model
@@ -115,10 +117,11 @@ def test_leak_report_with_more_than_two_values_takes_the_most_predictive_one_vs_
     assert report["active_by_class"] == pytest.approx([0.2, 0.5, 0.2])
 
 
-def aim_model(pooling, context, sparse_eval=True):
+def aim_model(pooling, context, sparse_eval=True, mask_budget="eval"):
     torch.manual_seed(0)
     model = aim.AIM(SmallConvNet(), num_classes=3, depth=2, out_channels=8, mask_hidden_channels=4,
-                    initial_mask_logit=0.0, pooling=pooling, mask_topdown_context=context, sparse_eval=sparse_eval)
+                    initial_mask_logit=0.0, pooling=pooling, mask_topdown_context=context, sparse_eval=sparse_eval,
+                    mask_budget=mask_budget)
     for i in range(model.topdown.depth):  # a freshly initialized estimator's masks are all on or all off
         model.topdown.mask_estimators[i] = MedianSplit()
     return model.double().eval()
@@ -199,7 +202,7 @@ def test_active_pooling_averages_the_final_map_over_the_union_of_the_masks_only(
 
 @pytest.mark.parametrize("sparse_eval", [False, True])
 def test_active_pooling_of_an_empty_mask_gives_the_bias_alone(sparse_eval):
-    model = aim_model("active", False, sparse_eval=sparse_eval)
+    model = aim_model("active", False, sparse_eval=sparse_eval, mask_budget="loss")  # the other budgets never empty a mask
     for i in range(model.topdown.depth):
         model.topdown.mask_estimators[i] = ChannelMask(0).double()
     x = images().clamp(max=0.0)  # channel 0 of the stage is then < 1/2 everywhere: no mask is on
