@@ -141,7 +141,7 @@ class Units:
         self.names = list(dataset.group_names) if self.by_group else self.class_names
         self.kind = "group" if self.by_group else "class"
         self.num_classes = dataset.num_classes
-        self.accuracy = result["group_accuracy"] if self.by_group else result["class_accuracy"]
+        self.accuracy = self.accuracy_of(result)
 
     def of(self, per_image):
         return per_image["groups" if self.by_group else "labels"]
@@ -152,10 +152,20 @@ class Units:
         k = self.num_classes
         return self.by_group and len(self.names) == k * k and unit // k != unit % k
 
-    def order(self):
-        """Worst first (by the run's accuracy), conflicting before agreeing on ties, empty last."""
-        return sorted(range(len(self.names)), key=lambda u: (self.accuracy[u] is None, self.accuracy[u] or 0,
-                                                             not self.conflicting(u), u))
+    def order(self, accuracy=None):
+        """Worst first by ``accuracy`` (default: the run's), conflicting before agreeing on ties,
+        empty last."""
+        accuracy = self.accuracy if accuracy is None else accuracy
+        return sorted(range(len(self.names)), key=lambda u: (accuracy[u] is None, accuracy[u] or 0, not self.conflicting(u), u))
+
+    def accuracy_of(self, result):
+        return result["group_accuracy"] if self.by_group else result["class_accuracy"]
+
+    def worst(self, result):
+        """The worst unit of ``result``: the first of its order (None when all are empty)."""
+        accuracy = self.accuracy_of(result)
+        first = self.order(accuracy)[0]
+        return None if accuracy[first] is None else first
 
 
 def _run_facts(run, baseline, data_label, split, count):
@@ -173,29 +183,20 @@ def _run_facts(run, baseline, data_label, split, count):
 
 
 def _accuracy_table(units, results, runs, per_image):
-    worst = [_worst(units, r) for r in results]
+    worst = [units.worst(r) for r in results]
     train_counts = runs[0].checkpoint.get("train_group_counts") if units.by_group else None
     counts = torch.bincount(torch.tensor([int(u) for u in units.of(per_image)]), minlength=len(units.names)).tolist()
     rows = []
     for u in units.order():
         rows.append({"name": units.names[u], "conflicting": units.conflicting(u),
                      "train_images": train_counts[u] if train_counts else None, "images": counts[u],
-                     "cells": [format_number(_entry(units, r, u)) for r in results], "worst": [w == u for w in worst]})
+                     "cells": [format_number(units.accuracy_of(r)[u]) for r in results], "worst": [w == u for w in worst]})
     summary = [("accuracy (all images)", [r["accuracy"] for r in results])]
     if units.by_group:
         summary += [("mean-group accuracy", [r["mean_group_accuracy"] for r in results]),
                     ("weighted accuracy (training proportions)", [r["weighted_accuracy"] for r in results]),
                     ("worst-group accuracy", [r["worst_group_accuracy"] for r in results])]
     return {"kind": units.kind, "rows": rows, "summary": [(name, [format_number(v) for v in values]) for name, values in summary]}
-
-
-def _entry(units, result, unit):
-    return (result["group_accuracy"] if units.by_group else result["class_accuracy"])[unit]
-
-
-def _worst(units, result):
-    values = [(a, u) for u, a in enumerate(result["group_accuracy"] if units.by_group else result["class_accuracy"]) if a is not None]
-    return min(values)[1] if values else None
 
 
 def _decision_table(units, results):
