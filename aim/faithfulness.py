@@ -26,7 +26,7 @@ BLUR_KERNEL, BLUR_SIGMA = 11, 5.0
 def decision_map(model, images, targets):
     """(N, H, W) the audit's per-pixel contributions to the margin of ``targets`` over each
     target's strongest other class (signed; with the bias they sum to that margin)."""
-    decision = audit.decision_contributions(model, images.float(), targets=targets)
+    decision = audit.decision_contributions(model, images, targets=targets)
     return audit.contributions_at(decision["contributions"], tuple(images.shape[-2:])).float()
 
 
