@@ -116,7 +116,6 @@ def report_context(run, dataset, data_label, split, baseline=None, settings=None
         "title": f"{run.label} report: {os.path.basename(os.path.normpath(run.folder))}",
         "run": _run_facts(run, baseline, data_label, split, len(dataset)),
         "models": [r.label for r in runs],
-        "results": results,
         "accuracy": _accuracy_table(units, results, runs, per_image),
         "curves": _curves_uri(run.history),
         "baseline_curves": _curves_uri(baseline.history) if baseline is not None else None,
