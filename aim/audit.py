@@ -106,11 +106,15 @@ def pooled_map_and_head(model, images):
 
 
 @torch.no_grad()
-def decision_contributions(model, images):
+def decision_contributions(model, images, targets=None):
     """The exact decision audit of a batch (model in eval mode): a dict of
     logits (N, K); predicted, runner_up (N,); margin (N,) = logit[predicted] - logit[runner_up];
     contributions (N, h, w) = c_p on the pooled map's grid; bias (N,) = b_y - b_r;
-    so that contributions.sum((1, 2)) + bias == margin up to rounding."""
+    so that contributions.sum((1, 2)) + bias == margin up to rounding.
+
+    targets (N,): audit these classes instead of the predicted ones ("predicted" then holds the
+    targets, "runner_up" each target's strongest other class), e.g. to explain every cell of a
+    grid of images of different classes."""
     features, divisor, head = pooled_map_and_head(model, images)
     # At least float32 (AMP maps), float64 kept: the identity is then exact to that precision.
     dtype = torch.promote_types(features.dtype, torch.float32)
@@ -118,7 +122,12 @@ def decision_contributions(model, images):
     logits = F.linear(features.sum(dim=(2, 3)) / divisor, head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype))
     if logits.shape[1] < 2:
         raise ValueError("the decision audit needs at least two classes")
-    top2 = logits.topk(2, dim=1).indices
+    if targets is None:
+        top2 = logits.topk(2, dim=1).indices
+    else:
+        targets = targets.to(logits.device).view(-1, 1)
+        others = logits.scatter(1, targets, float("-inf"))
+        top2 = torch.cat([targets, others.argmax(1, keepdim=True)], dim=1)
     predicted, runner_up = top2[:, 0], top2[:, 1]
     weight_difference = head.weight[predicted] - head.weight[runner_up]  # (N, C)
     contributions = torch.einsum("nc,nchw->nhw", weight_difference.to(dtype), features) / divisor[:, :, None]

@@ -1,6 +1,6 @@
 """The `aim` command: train, evaluate and explain AIM on a dataset, run the demo and the kernel
 benchmarks. Argument parsing and dispatch only; the work is in aim.train, aim.evaluate,
-aim.explain, aim.bench, aim.demo and aim.profiling."""
+aim.explain, aim.report, aim.bench, aim.demo and aim.profiling."""
 import argparse
 import sys
 
@@ -93,6 +93,27 @@ def build_parser():
     ex.add_argument("--out", required=True, metavar="DIR")
     ex.add_argument("--device", default="cpu")
 
+    report = commands.add_parser("report", help="the audit of a run as one self-contained HTML page: groups, curves, "
+                                                 "decision audit, leak check, explanation quality, mask galleries")
+    report.add_argument("run", metavar="RUN_DIR", help="a run folder of `aim train` (best.pt, log.jsonl, config.json)")
+    report.add_argument("--out", required=True, metavar="FILE", help="the HTML file to write (replaced in one rename)")
+    report.add_argument("--data", metavar="DIR", help="the dataset (default: the one the run recorded)")
+    report.add_argument("--split", choices=("test", "val", "train"), default="test")
+    report.add_argument("--segmentations", metavar="DIR", help="foreground masks (default: DIR/segmentations)")
+    report.add_argument("--baseline", metavar="RUN_DIR", help="a baseline run drawn beside: its numbers and GradCAM")
+    report.add_argument("--checkpoint", choices=("best", "last"), default="best", help="best.pt (val-selected) or last.pt")
+    report.add_argument("--gallery", type=int, default=6, help="images per group in the mask galleries")
+    report.add_argument("--background-images", type=int, default=8,
+                        help="images whose decision rests most on the background")
+    report.add_argument("--faithfulness-images", type=int, default=25,
+                        help="images per group for the deletion/insertion curves and the grid pointing game")
+    report.add_argument("--steps", type=int, default=16, help="deletion/insertion steps")
+    report.add_argument("--grids", type=int, default=32, help="grids of the grid pointing game (at most)")
+    report.add_argument("--batch-size", type=int, default=64)
+    report.add_argument("--workers", type=int, default=0)
+    report.add_argument("--device", default="cpu")
+    report.add_argument("--threads", type=int, default=0, help="torch intra-op CPU threads (0: torch's default)")
+
     bench = commands.add_parser("bench", help="run benchmarks/bench_*.py of a repository checkout, tables and a speedup plot")
     bench.add_argument("--quick", action="store_true", help="one small shape per benchmark (a smoke run)")
     bench.add_argument("--benchmarks", metavar="DIR", help="the benchmarks folder (default: ./benchmarks)")
@@ -155,6 +176,8 @@ def main(argv=None):
             from aim.evaluate import command_eval as run
         elif args.command == "explain":
             from aim.explain import command_explain as run
+        elif args.command == "report":
+            from aim.report import command_report as run
         elif args.command == "bench":
             from aim.bench import command_bench as run
         elif args.command == "demo":

@@ -91,7 +91,7 @@ def weighted_accuracy(group_accuracy, weights):
 
 @torch.no_grad()
 def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=None, channels_last=False,
-             with_gradcam=True, with_audit=True, rank=0, world_size=1, group_weights=None):
+             with_gradcam=True, with_audit=True, rank=0, world_size=1, group_weights=None, per_image=False):
     """Metrics of ``model`` on ``dataset`` (an :class:`aim.data.SampleDataset`) as a JSON-ready dict.
 
     Keys: num_samples, accuracy, class_accuracy, group_accuracy / worst_group_accuracy /
@@ -105,6 +105,10 @@ def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=N
     overall and per group, from :func:`aim.audit.decision_shares`). GradCAM targets the true class.
     In multi-process runs every rank passes its rank and world size, evaluates its shard, and
     gets the result of the whole split; world_size 1 evaluates the whole split in this process.
+    ``per_image`` adds "per_image": {name: [value per image]} in the order the ranks' shards
+    interleave (dataset order with one process): labels, groups, predicted, active/<stage>,
+    decision/<share> (what the leak report and the audit are computed from; ``aim report``
+    picks its images by them).
     """
     from aim.data import ShardSampler
 
@@ -120,13 +124,15 @@ def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=N
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 output = model(images)
-            correct = (logits_of(output).argmax(1).cpu() == labels).double()
+            predicted = logits_of(output).argmax(1).cpu()
+            correct = (predicted == labels).double()
             sums.values["group_correct"].index_add_(0, groups, correct)
             sums.values["group_seen"].index_add_(0, groups, torch.ones_like(correct))
             sums.values["class_correct"].index_add_(0, labels, correct)
             sums.values["class_seen"].index_add_(0, labels, torch.ones_like(correct))
             sums.append("labels", labels)
             sums.append("groups", groups)
+            sums.append("predicted", predicted)
             masks = output.masks if isinstance(output, AIMOutput) else {}
             for name, mask in masks.items():
                 fractions = metrics.mask_active_fraction(mask)
@@ -149,7 +155,7 @@ def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=N
     finally:
         model.train(was_training)
     # Every rank must reduce the same keys, also one whose shard was empty and saw no masks.
-    return _finalize(sums, dataset, mask_stage_names(model), device, with_gradcam, world_size, group_weights)
+    return _finalize(sums, dataset, mask_stage_names(model), device, with_gradcam, world_size, group_weights, per_image)
 
 
 def _per_image_reports(per_image, dataset, stages):
@@ -187,7 +193,7 @@ def mask_stage_names(model):
     return [str(i) for i in range(count - model.depth, count)]
 
 
-def _finalize(sums, dataset, stages, device, with_gradcam, world_size, group_weights):
+def _finalize(sums, dataset, stages, device, with_gradcam, world_size, group_weights, per_image):
     for name in stages:
         sums.add(f"active/{name}", 0.0)
         if dataset.has_foregrounds:
@@ -198,7 +204,7 @@ def _finalize(sums, dataset, stages, device, with_gradcam, world_size, group_wei
             sums.add("epg/gradcam", 0.0)
     if world_size > 1:
         sums.reduce(device)
-    per_image = sums.gathered(world_size)
+    gathered = sums.gathered(world_size)
     v = sums.values
     seen = v["group_seen"].sum().item()
     result = {"num_samples": int(seen), "accuracy": v["group_correct"].sum().item() / seen,
@@ -217,7 +223,9 @@ def _finalize(sums, dataset, stages, device, with_gradcam, world_size, group_wei
         result["foreground_images"] = int(count)
         keys = stages + (["gradcam"] if with_gradcam else [])
         result["energy_pointing_game"] = {k: (v[f"epg/{k}"] / count if count else None) for k in keys}
-    result.update(_per_image_reports(per_image, dataset, stages))
+    result.update(_per_image_reports(gathered, dataset, stages))
+    if per_image:
+        result["per_image"] = {name: values.tolist() for name, values in gathered.items()}
     return result
 
 
@@ -240,49 +248,60 @@ def format_table(result, class_names, group_names):
         lines.append(f"{'mean-group accuracy':<28} {result['mean_group_accuracy']:.4f}")
         if result.get("weighted_accuracy") is not None:
             lines.append(f"{'weighted accuracy':<28} {result['weighted_accuracy']:.4f} (groups weighted as in training)")
-        lines += [f"  group {i} {name:<18} {_num(a)}" for i, (name, a) in enumerate(zip(group_names, result["group_accuracy"]))]
+        lines += [f"  group {i} {name:<18} {format_number(a)}" for i, (name, a) in enumerate(zip(group_names, result["group_accuracy"]))]
     else:
-        lines += [f"  class {i} {name:<18} {_num(a)}" for i, (name, a) in enumerate(zip(class_names, result["class_accuracy"]))]
+        lines += [f"  class {i} {name:<18} {format_number(a)}" for i, (name, a) in enumerate(zip(class_names, result["class_accuracy"]))]
     for stage, value in result.get("mask_active_fraction", {}).items():
         lines.append(f"{'mask active fraction ' + stage:<28} {value:.4f}")
     for key, value in result.get("energy_pointing_game", {}).items():
         label = "EPG GradCAM" if key == "gradcam" else f"EPG mask {key}"
-        lines.append(f"{label:<28} {_num(value)}")
+        lines.append(f"{label:<28} {format_number(value)}")
     for stage, leak in result.get("mask_area_leak", {}).items():
-        lines.append(f"{'mask ' + stage + ' empty share':<28} {_num(leak['empty_share'])}")
-        lines.append(f"{'mask ' + stage + ' area AUC':<28} class {_num(leak['auc_class'])}, background {_num(leak['auc_background'])}")
+        lines.append(f"{'mask ' + stage + ' empty share':<28} {format_number(leak['empty_share'])}")
+        lines.append(f"{'mask ' + stage + ' area AUC':<28} class {format_number(leak['auc_class'])}, background {format_number(leak['auc_background'])}")
         by = leak["active_by_group"] if leak["active_by_group"] is not None else leak["active_by_class"]
         names = group_names if leak["active_by_group"] is not None else class_names
         lines.append(f"{'mask ' + stage + ' active by ' + ('group' if leak['active_by_group'] is not None else 'class'):<28} "
-                     + ", ".join(f"{n} {_num(a)}" for n, a in zip(names, by)))
+                     + ", ".join(f"{n} {format_number(a)}" for n, a in zip(names, by)))
     decision = result.get("decision_audit")
     if decision is not None:
-        lines.append(f"{'decision on object/bg/bias':<28} {_num(decision['object'])} / {_num(decision['background'])} / {_num(decision['bias'])}")
+        lines.append(f"{'decision on object/bg/bias':<28} {format_number(decision['object'])} / {format_number(decision['background'])} / {format_number(decision['bias'])}")
         by_group = "by_group" in decision
         per = decision["by_group" if by_group else "by_class"]
         for i, name in enumerate(group_names if by_group else class_names):
-            lines.append(f"  {'group' if by_group else 'class'} {i} {name:<18} {_num(per['object'][i])} / "
-                         f"{_num(per['background'][i])} / {_num(per['bias'][i])}")
+            lines.append(f"  {'group' if by_group else 'class'} {i} {name:<18} {format_number(per['object'][i])} / "
+                         f"{format_number(per['background'][i])} / {format_number(per['bias'][i])}")
     return "\n".join(lines)
 
 
-def _num(value):
+def format_number(value):
+    """A metric as the table prints it: 4 decimals, n/a for a missing value."""
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def open_split_for(checkpoint, checkpoint_path, root, split, segmentations=None, workers=0):
+    """One split of the dataset in ``root`` as the checkpoint's run preprocessed its images, every
+    file checked; a dataset whose classes are not the checkpoint's is a UsageError naming both."""
+    from aim.data import open_split
+
+    config = checkpoint["config"]
+    dataset = open_split(root, split, config["image_size"], segmentations=segmentations, check_threads=max(1, workers),
+                         preprocessing=config.get("preprocessing", "imagenet"))
+    if dataset.class_names != checkpoint["class_names"]:
+        raise UsageError(f"{root}: classes {dataset.class_names[:5]} differ from those of {checkpoint_path} "
+                         f"{checkpoint['class_names'][:5]}: another dataset")
+    return dataset
 
 
 def command_eval(args):
     """``aim eval``: the metrics of a checkpoint on one split, printed and optionally as JSON."""
     import json
 
-    from aim.data import open_split
     from aim.train import load_checkpoint, model_from_checkpoint
 
     checkpoint = load_checkpoint(args.checkpoint)
     config = checkpoint["config"]
-    dataset = open_split(args.data, args.split, config["image_size"], segmentations=args.segmentations,
-                         check_threads=max(1, args.workers), preprocessing=config.get("preprocessing", "imagenet"))
-    if dataset.class_names != checkpoint["class_names"]:
-        raise UsageError(f"{args.data}: classes {dataset.class_names[:5]} differ from the checkpoint's {checkpoint['class_names'][:5]}")
+    dataset = open_split_for(checkpoint, args.checkpoint, args.data, args.split, args.segmentations, args.workers)
     model = model_from_checkpoint(checkpoint, args.device)
     result = evaluate(model, dataset, batch_size=args.batch_size, workers=args.workers, device=args.device,
                       with_gradcam=not args.no_gradcam, group_weights=checkpoint.get("train_group_counts"))

@@ -134,6 +134,8 @@ def test_demo_runs_the_protocol_and_caches_the_pretrained_backbone(tmp_path, mon
     assert summary["table"]["baseline"]["epg_masks"] == {}
     assert [row["tau"] for row in summary["records"]["aim"]["val_curve"]] == [1.0, 0.25]
     assert (tmp_path / "out" / "test_images.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {tmp_path / 'out' / 'report.html'}" in printed
+    assert "<table id=\"accuracy\">" in (tmp_path / "out" / "report.html").read_text()
     assert main(args) == 0  # the second run finds the backbone in the cache
     assert "pretrained backbone (from the cache)" in capsys.readouterr().out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
