@@ -1,5 +1,8 @@
-"""The public entry points a newcomer reaches for first: ``aim.load`` of a trained run and
-torchvision's ``create_feature_extractor`` over ``aim.AIM``."""
+"""The public entry points a newcomer reaches for first: the README's Python example,
+``aim.load`` of a trained run and torchvision's ``create_feature_extractor`` over ``aim.AIM``."""
+import os
+import re
+
 import pytest
 import torch
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -22,6 +25,10 @@ def test_load_gives_the_trained_model_from_a_run_folder_or_a_file(tmp_path):
     saved = torch.load(run / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(v, saved[k]) for k, v in aim.load(str(run / "best.pt")).state_dict().items())
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    example = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert '"aim_demo_out/aim"' in example
+    exec(example.replace('"aim_demo_out/aim"', repr(str(run))), {})  # the README's Python example runs as written
     with pytest.raises(UsageError, match="no such file"):
         aim.load(str(tmp_path / "nothing.pt"))
     with pytest.raises(UsageError, match="not a checkpoint"):
