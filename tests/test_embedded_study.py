@@ -165,7 +165,9 @@ def test_study_options_of_the_model_loss_and_schedule():
     torch.manual_seed(0)
     images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
     for logit in (-1.0, 3.0):  # eval-mode masks threshold the initial logit at 0
-        model = aim.AIM(SmallConvNet(), num_classes=2, out_channels=8, mask_hidden_channels=8, initial_mask_logit=logit).eval()
+        # "loss" budget: its eval masks are the logits' own threshold ("eval" would keep the target share)
+        model = aim.AIM(SmallConvNet(), num_classes=2, out_channels=8, mask_hidden_channels=8, initial_mask_logit=logit,
+                        mask_budget="loss").eval()
         for estimator in model.topdown.mask_estimators:
             torch.nn.init.zeros_(estimator.to_logit.weight)
             torch.nn.init.zeros_(estimator.global_branch.weight)

@@ -159,7 +159,8 @@ def test_page_is_self_contained(runs):
 def test_empty_masks_are_labelled(runs, tmp_path):
     run = tmp_path / "empty"
     # Mask logits start at -30: after one short epoch every eval mask is still empty.
-    assert main(["train", "--data", str(runs["data"]), "--out", str(run), "--epochs", "1", "--initial-mask-logit", "-30", *TINY]) == 0
+    assert main(["train", "--data", str(runs["data"]), "--out", str(run), "--epochs", "1", "--initial-mask-logit", "-30",
+                 "--mask-budget", "loss", *TINY]) == 0  # the default budget never empties an eval mask
     report = tmp_path / "empty.html"
     assert main(["report", str(run), "--out", str(report), *SMALL]) == 0  # --data: the one the run recorded
     page = parse(report)
