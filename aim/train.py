@@ -11,6 +11,7 @@ fixed thread count).
 """
 import dataclasses
 import json
+import math
 import os
 import random
 import subprocess
@@ -25,10 +26,10 @@ from torch.utils.data import DataLoader
 import aim
 from aim import metrics
 from aim.data import SeededSampler
-from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights
+from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights, probe_stage_channels
 from aim.data.transforms import PREPROCESSINGS
 from aim.evaluate import evaluate, group_counts, logits_of, mask_stage_names, selection_metric
-from aim.errors import UsageError
+from aim.errors import UsageError, first_line
 from aim.topdown import MASK_BUDGETS, POOLINGS
 
 CHECKPOINT_FORMAT = "aim-train-checkpoint-1"
@@ -97,6 +98,19 @@ class TrainConfig:
             raise UsageError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):
             raise UsageError("--amp fp16 needs --device cuda (fp16 autocast with a gradient scaler); use --amp bf16 on CPU")
+        if not 0 < self.target <= 1:
+            raise UsageError(f"--target must be a fraction in (0, 1] (of the mask entries kept active), got {self.target}")
+        if self.depth < 1:
+            raise UsageError(f"--depth must be >= 1 (top-down stages), got {self.depth}")
+        for name in ("lr", "backbone_lr"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        check_device(self.device)
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise UsageError(f"--out {self.out}: is a file; --out names the run folder to write (or to resume)")
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -105,6 +119,21 @@ class TrainConfig:
         if self.select_annealed and self.model == "aim" and self.epochs <= self.warmup_epochs + self.anneal_epochs:
             raise UsageError(f"--select-annealed needs an epoch at the target tau: --epochs {self.epochs} must exceed "
                              f"--warmup-epochs + --anneal-epochs ({self.warmup_epochs + self.anneal_epochs})")
+
+
+def check_device(device):
+    """A UsageError naming --device unless ``device`` is cpu or a CUDA GPU this machine has."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device must be cpu or cuda (or cuda:N), got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda (or cuda:N), got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA GPU is available to PyTorch here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
 # Settings that checkpoints written before they existed do not record, with the value those runs used.
@@ -145,7 +174,8 @@ def build_run_backbone(config):
     else:
         backbone = _torchvision_backbone(config.backbone, config.weights)
     if config.weights not in ("none", "DEFAULT"):
-        load_backbone_weights(backbone, _load_file(config.weights), f"--weights {config.weights}")
+        load_backbone_weights(backbone, _load_file(config.weights, f"--weights {config.weights}"),
+                              f"--weights {config.weights}")
     return backbone
 
 
@@ -156,27 +186,31 @@ def _torchvision_backbone(name, weights):
         return build_backbone(name, weights="DEFAULT")
     except (OSError, RuntimeError) as error:  # URLError is an OSError
         raise UsageError(f"--weights DEFAULT: could not download torchvision's pretrained {name} weights "
-                         f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); offline, download them on a "
+                         f"({first_line(error)}); offline, download them on a "
                          f"machine with network (torchvision.models.get_model({name!r}, weights='DEFAULT').state_dict(), "
                          f"torch.save) and pass --weights PATH, or train from scratch with --weights none") from None
 
 
-def _load_file(path):
+def _load_file(path, given_as):
+    """torch.load of a file the user named; ``given_as`` is how (e.g. "--weights w.pt"), for errors."""
     if not os.path.isfile(path):
-        raise UsageError(f"--weights {path}: no such file")
+        raise UsageError(f"{given_as}: no such file")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{given_as}: the file is empty (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors of many kinds: the file is not a state dict
-        raise UsageError(f"--weights {path}: cannot be read by torch.load ({str(error).splitlines()[0]})") from None
+        raise UsageError(f"{given_as}: cannot be read by torch.load ({first_line(error)}); "
+                         f"is it truncated or not a PyTorch file?") from None
 
 
-def load_checkpoint(path):
-    """A checkpoint written by :func:`fit` (last.pt or best.pt), as a dict."""
-    checkpoint = _load_file(path) if os.path.isfile(path) else None
-    if checkpoint is None:
-        raise UsageError(f"{path}: no such file")
+def load_checkpoint(path, given_as=None):
+    """A checkpoint written by :func:`fit` (last.pt or best.pt), as a dict. ``given_as``: how
+    the user named the file (e.g. "checkpoint run/best.pt"), for errors; default the path."""
+    given_as = given_as or path
+    checkpoint = _load_file(path, given_as)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path}: not a checkpoint written by `aim train`")
+        raise UsageError(f"{given_as}: not a checkpoint written by `aim train`")
     return checkpoint
 
 
@@ -347,7 +381,9 @@ def _fit(config, train_set, val_set, resume, ranks, log):
                         pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
                         generator=torch.Generator().manual_seed(config.seed))
     if len(loader) == 0:
-        raise UsageError(f"the training split has {len(train_set)} images, fewer than one batch of {config.batch_size}")
+        fitting = len(train_set) // ranks.world_size * ranks.world_size
+        raise UsageError(f"--batch-size {config.batch_size}: the training split has only {len(train_set)} images, fewer than "
+                         f"one batch; pass --batch-size {fitting} or less")
     # Gumbel noise of each rank draws from its own generator.
     torch.manual_seed(config.seed + ranks.rank)
     random.seed(config.seed + ranks.rank)
@@ -453,7 +489,7 @@ def _resume_point(config, resume, last_path, ranks):
         return None
     if not exists:
         raise UsageError(f"--resume: {last_path}: no such file")
-    checkpoint = load_checkpoint(last_path)
+    checkpoint = load_checkpoint(last_path, f"--resume: {last_path}")
     saved = saved_config(checkpoint)
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
                if k not in RESUMABLE_CHANGES and saved.get(k, getattr(TrainConfig, k)) != v]
@@ -516,8 +552,11 @@ def command_train(args):
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
     config.check()
-    if config.weights != "none":
-        build_run_backbone(config)  # a download that cannot happen, or a file that does not fit, fails now
+    # A download that cannot happen, a weights file that does not fit or a --depth beyond the
+    # backbone's stages fails now, before the data is read.
+    stages = len(probe_stage_channels(build_run_backbone(config)))
+    if config.model == "aim" and config.depth > stages:
+        raise UsageError(f"--depth {config.depth}: the {config.backbone} backbone has {stages} stages; use --depth 1..{stages}")
     threads = max(1, config.workers)
     train_set = open_split(config.data, "train", config.image_size, augment=True, check_threads=threads,
                            preprocessing=config.preprocessing)
