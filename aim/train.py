@@ -211,7 +211,16 @@ def load_checkpoint(path, given_as=None):
     checkpoint = _load_file(path, given_as)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{given_as}: not a checkpoint written by `aim train`")
+    if non_finite_tensors(checkpoint["model"].values()):
+        raise UsageError(f"{given_as}: the weights hold NaN or infinity (a run that diverged); train again with a lower --lr")
     return checkpoint
+
+
+def non_finite_tensors(tensors):
+    """How many of the floating-point ``tensors`` hold a NaN or an infinity, as a 0-d tensor on
+    their device (summed there: one synchronization when read, not one per tensor)."""
+    flags = [~torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return torch.stack(flags).sum() if flags else torch.zeros((), dtype=torch.long)
 
 
 def model_from_checkpoint(checkpoint, device="cpu"):
@@ -456,15 +465,22 @@ def _fit(config, train_set, val_set, resume, ranks, log):
             progress.update(sums, ranks.world_size, time.perf_counter() - started)
         progress.close()
         scheduler.step()
-        totals = ranks.all_sum(sums.tolist() + active.tolist())  # one synchronization per epoch
+        diverged = non_finite_tensors(raw_model.state_dict().values()).item()
+        totals = ranks.all_sum(sums.tolist() + active.tolist() + [diverged])  # one synchronization per epoch
         seen = totals[2]
+        # Checked once an epoch, not every step (which would synchronize a GPU each step): the
+        # epoch that went non-finite is neither evaluated nor written, so no file holds it.
+        if not math.isfinite(totals[0]) or totals[-1]:
+            kept = f"{config.out} keeps epoch {epoch}" if epoch else "no epoch finished"
+            raise UsageError(f"--lr {config.lr}: training diverged in epoch {epoch + 1} (non-finite loss or weights) and "
+                             f"stopped; {kept}; train again with a lower --lr")
         train_time = time.perf_counter() - started
         val = evaluate(model, val_set, batch_size=per_rank_batch, workers=config.workers, device=device,
                        amp_dtype=amp_dtype, channels_last=config.channels_last, with_gradcam=False,
                        rank=ranks.rank, world_size=ranks.world_size, group_weights=group_counts(train_set))
         row = {"epoch": epoch + 1, "loss": totals[0] / seen, "train_accuracy": totals[1] / seen, "lr": lrs,
                "tau": tau if is_aim else None,
-               "mask_active_fraction": dict(zip(mask_stage_names(raw_model), [a / seen for a in totals[3:]])) if is_aim else None,
+               "mask_active_fraction": dict(zip(mask_stage_names(raw_model), [a / seen for a in totals[3:-1]])) if is_aim else None,
                "val": val, "train_images_per_s": seen / train_time, "time_s": time.perf_counter() - started}
         history.append(row)
         score = selection_metric(val)

@@ -67,3 +67,54 @@ def test_train_help_shows_the_defaults():
     text = train_parser.format_help()
     for default in ("(default: 32)", "(default: 0.001)", "(default: resnet50)", "(default: 0.25)", "(default: 10)"):
         assert default in " ".join(text.split()), default
+
+
+@pytest.fixture(scope="module")
+def trained(waterbirds, tmp_path_factory):
+    """A 1-epoch run folder."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert train(waterbirds, run) == 0
+    return run
+
+
+def strict_json_lines(path):
+    def refuse(constant):
+        raise AssertionError(f"{path}: bare {constant} is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_diverging_run_stops_and_keeps_the_last_finite_epoch(waterbirds, trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(waterbirds, run, "--lr", "1e6") == 2
+    err = one_line_error(capsys)
+    assert "--lr 1000000.0: training diverged in epoch 1" in err and "lower --lr" in err
+    assert not (run / "best.pt").exists() and not (run / "last.pt").exists()
+    assert strict_json_lines(run / "log.jsonl") == []
+    # A checkpoint whose weights went non-finite (as runs before this check wrote) is refused.
+    checkpoint = torch.load(trained / "best.pt", weights_only=True)
+    next(t for t in checkpoint["model"].values() if t.is_floating_point()).fill_(float("nan"))
+    torch.save(checkpoint, tmp_path / "nan.pt")
+    assert main(["eval", str(tmp_path / "nan.pt"), "--data", str(waterbirds), "--workers", "0"]) == 2
+    assert f"checkpoint {tmp_path / 'nan.pt'}: the weights hold NaN" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("damage, reason", [("empty", "the file is empty (0 bytes)"),
+                                            ("truncated", "cannot be read by torch.load")])
+@pytest.mark.parametrize("command", ["eval", "explain"])
+def test_damaged_checkpoint_names_the_file_as_given(waterbirds, trained, tmp_path, capsys, damage, reason, command):
+    data = (trained / "best.pt").read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    image = next((waterbirds / "images").rglob("*.jpg"))
+    args = ["--data", str(waterbirds), "--workers", "0"] if command == "eval" else [str(image), "--out", str(tmp_path / "x")]
+    assert main([command, str(bad), *args]) == 2
+    err = one_line_error(capsys)
+    assert f"checkpoint {bad}: {reason}" in err and "--weights" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_damaged_weights_file_names_weights(waterbirds, tmp_path, capsys):
+    empty = tmp_path / "w.pt"
+    empty.write_bytes(b"")
+    assert train(waterbirds, tmp_path / "run", "--weights", str(empty)) == 2
+    assert f"--weights {empty}: the file is empty" in one_line_error(capsys)
