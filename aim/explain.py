@@ -74,9 +74,8 @@ def save_explanation(image, explanation, path, title):
 
 
 def command_explain(args):
-    from PIL import Image
-
     from aim.data import DataError
+    from aim.data.common import UNREADABLE
     from aim.errors import first_line
     from aim.data.transforms import denormalize, load_image, transform_for
     from aim.train import check_device, load_checkpoint, model_from_checkpoint
@@ -89,7 +88,7 @@ def command_explain(args):
     for path in args.images:  # every image read before anything is written
         try:
             images.append(transform(load_image(path)))
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
+        except UNREADABLE as error:
             raise DataError(f"{path}: cannot be read as an image ({first_line(error)})") from None
         size = checkpoint["config"]["image_size"]
         if preprocessing == "raw" and tuple(images[-1].shape[-2:]) != (size, size):

@@ -1,13 +1,16 @@
 """What a new user gets wrong, and what `aim` answers: one line naming the flag or the file,
 exit status 2, no traceback, nothing written. Tiny runs (tests/test_train.py's TINY flags)."""
+import csv
 import json
-import os
+import shutil
 
+import numpy
 import pytest
 import torch
+from PIL import Image
 
 from aim.cli import build_parser, main
-from tiny_datasets import make_waterbirds
+from tiny_datasets import make_waterbirds, write_metadata
 
 TINY = ["--backbone", "small_convnet", "--topdown-channels", "16", "--mask-channels", "8", "--image-size", "32",
         "--batch-size", "8", "--workers", "0", "--threads", "1", "--anneal-epochs", "1"]
@@ -118,3 +121,53 @@ def test_damaged_weights_file_names_weights(waterbirds, tmp_path, capsys):
     empty.write_bytes(b"")
     assert train(waterbirds, tmp_path / "run", "--weights", str(empty)) == 2
     assert f"--weights {empty}: the file is empty" in one_line_error(capsys)
+
+
+def copy_of(waterbirds, tmp_path):
+    """A copy of the dataset to damage, and its metadata.csv rows (row i on line i + 2)."""
+    data = tmp_path / "data"
+    shutil.copytree(waterbirds, data)
+    with open(data / "metadata.csv", newline="") as f:
+        return data, list(csv.DictReader(f))
+
+
+def test_conflicting_labels_of_one_image_name_both_lines(waterbirds, tmp_path, capsys):
+    data, rows = copy_of(waterbirds, tmp_path)
+    twin = {**rows[3], "y": 1 - int(rows[3]["y"])}
+    write_metadata(data, rows + [twin])
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY]) == 2
+    err = one_line_error(capsys)
+    assert f"metadata.csv lines 5 and {len(rows) + 2}: {rows[3]['img_filename']} is listed with y = " in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_decompression_bomb_names_the_file(waterbirds, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # every 32x32 image is then more than twice the limit
+    assert main(["train", "--data", str(waterbirds), "--out", str(tmp_path / "run"), *TINY]) == 2
+    err = one_line_error(capsys)
+    assert "(metadata.csv line " in err and "cannot be read as an image (Image size (1024 pixels) exceeds limit" in err
+
+
+def test_16_bit_png_keeps_its_values(tmp_path):
+    from aim.data.transforms import load_image
+
+    ramp = torch.arange(32 * 32, dtype=torch.int32).view(32, 32) * 60  # 0 .. 61380 of 65535
+    Image.fromarray(ramp.numpy().astype("uint16")).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    image = torch.from_numpy(numpy.array(load_image(tmp_path / "deep.png"))).double()
+    assert abs(image.mean().item() - (ramp.double() / 256).mean().item()) < 1  # not clipped to white (255)
+
+
+def test_mask_of_another_aspect_ratio_is_refused(waterbirds, tmp_path, capsys):
+    from aim.data.transforms import load_foreground
+
+    data, rows = copy_of(waterbirds, tmp_path)
+    val = next(r for r in rows if r["split"] == "1")
+    mask = data / "segmentations" / (val["img_filename"][:-4] + ".png")
+    Image.new("L", (64, 64), 255).save(mask)  # the same aspect ratio: resized to the image
+    assert tuple(load_foreground(mask, (32, 32)).shape) == (1, 32, 32)
+    Image.new("L", (40, 32), 255).save(mask)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--segmentations",
+                 str(data / "segmentations"), *TINY]) == 2
+    assert f"{mask}: the mask is 40x32, its image 32x32: another aspect ratio" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
