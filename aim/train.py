@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -315,6 +316,19 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+# The files of a run folder that atomic_write writes, and its temporary names for them.
+ATOMIC_RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt")
+STALE_TEMPORARY = re.compile(rf"(?:{'|'.join(map(re.escape, ATOMIC_RUN_FILES))})\.tmp\d+")
+
+
+def remove_stale_temporaries(folder):
+    """Delete what atomic_write of a killed run left in ``folder`` (``last.pt.tmp1234``, ...);
+    nothing else, whatever its name."""
+    for entry in os.scandir(folder):
+        if entry.is_file() and STALE_TEMPORARY.fullmatch(entry.name):
+            os.remove(entry.path)
+
+
 def save_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -415,6 +429,7 @@ def _fit(config, train_set, val_set, resume, ranks, log):
         log(f"resumed {last_path} after epoch {start_epoch}")
     if ranks.main:
         os.makedirs(config.out, exist_ok=True)
+        remove_stale_temporaries(config.out)
         save_json(os.path.join(config.out, "config.json"), {**dataclasses.asdict(config), **run_metadata()})
         # The log holds exactly the checkpointed epochs: lines of an epoch cut short are dropped.
         atomic_write(os.path.join(config.out, "log.jsonl"), lambda tmp: _write_lines(tmp, history))

@@ -171,3 +171,14 @@ def test_mask_of_another_aspect_ratio_is_refused(waterbirds, tmp_path, capsys):
                  str(data / "segmentations"), *TINY]) == 2
     assert f"{mask}: the mask is 40x32, its image 32x32: another aspect ratio" in one_line_error(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_removes_the_temporaries_a_killed_run_left(waterbirds, tmp_path):
+    run = tmp_path / "run"
+    assert train(waterbirds, run) == 0
+    stale = [run / "last.pt.tmp4242", run / "best.pt.tmp7", run / "log.jsonl.tmp99"]
+    kept = [run / "last.pt.tmpcopy", run / "notes.tmp12", run / "mylast.pt.tmp5"]  # not names atomic_write gives
+    for path in stale + kept:
+        path.write_bytes(b"half")
+    assert train(waterbirds, run, "--resume") == 0  # the run is complete: nothing to train, the folder tidied
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
