@@ -30,7 +30,7 @@ from aim.data import SeededSampler
 from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights, probe_stage_channels
 from aim.data.transforms import PREPROCESSINGS
 from aim.evaluate import evaluate, group_counts, logits_of, mask_stage_names, selection_metric
-from aim.errors import UsageError, first_line
+from aim.errors import DataError, UsageError, first_line
 from aim.topdown import MASK_BUDGETS, POOLINGS
 
 CHECKPOINT_FORMAT = "aim-train-checkpoint-1"
@@ -595,7 +595,19 @@ def command_train(args):
                          preprocessing=config.preprocessing)
     if val_set.class_names != train_set.class_names:
         raise UsageError(f"{config.data}: the val split's classes differ from the train split's")
+    for split, dataset in (("train", train_set), ("val", val_set)):  # else best.pt would be chosen on some classes only
+        present = set(dataset.labels.unique().tolist())
+        missing = [name for label, name in enumerate(dataset.class_names) if label not in present]
+        if missing:
+            raise DataError(f"{config.data}: the {split} split has no images of class{'es' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)}; training and selecting best.pt need every class in train and val")
     if os.environ.get("RANK", "0") == "0":
+        annealed_by = config.warmup_epochs + config.anneal_epochs
+        if config.model == "aim" and config.epochs <= annealed_by:
+            last_tau = aim.MaskAnnealing(config.target, config.anneal_epochs, warmup_epochs=config.warmup_epochs)(config.epochs - 1)
+            print(f"note: tau reaches --target {config.target} in epoch {annealed_by + 1} (--warmup-epochs + --anneal-epochs); "
+                  f"this run ends at tau {last_tau:.2f}: pass --epochs {annealed_by + 1} or more, or a smaller --anneal-epochs",
+                  flush=True)
         print(f"data: {config.data} ({type(train_set).__name__}), {len(train_set)} train / {len(val_set)} val images, "
               f"{train_set.num_classes} classes" + (f", {train_set.num_groups} groups" if train_set.has_groups else ""), flush=True)
     fit(config, train_set, val_set, resume=args.resume)

@@ -182,3 +182,18 @@ def test_resume_removes_the_temporaries_a_killed_run_left(waterbirds, tmp_path):
         path.write_bytes(b"half")
     assert train(waterbirds, run, "--resume") == 0  # the run is complete: nothing to train, the folder tidied
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_split_lacking_a_class(waterbirds, tmp_path, capsys, split):
+    data, rows = copy_of(waterbirds, tmp_path)
+    code = {"train": "0", "val": "1"}[split]
+    write_metadata(data, [r for r in rows if r["split"] != code or r["y"] == "0"])
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY]) == 2
+    assert f"the {split} split has no images of class waterbird" in one_line_error(capsys)
+
+
+def test_run_too_short_to_reach_the_target_says_so(waterbirds, tmp_path, capsys):
+    assert main(["train", "--data", str(waterbirds), "--out", str(tmp_path / "run"), *TINY, "--epochs", "1",
+                 "--anneal-epochs", "3"]) == 0
+    assert "note: tau reaches --target 0.25 in epoch 4" in capsys.readouterr().out
