@@ -10,18 +10,31 @@ from aim.topdown import MASK_BUDGETS
 from aim.train import SMALL_BACKBONE
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, unless its help already says it in its own words or
+    there is none to say (a required option, an off switch, an unset path)."""
+
+    def _get_help_string(self, action):
+        if "default" in action.help or action.required or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="aim", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train AIM or the baseline on a WaterBirds-layout or class-per-folder dataset",
+                                formatter_class=DefaultsHelpFormatter,
                                 description="Train on DIR (metadata.csv: WaterBirds layout; else DIR/train/<class>/, "
                                             "DIR/val/<class>/). Multi-process: torchrun --no-python --nproc-per-node K aim train ...")
-    train.add_argument("--data", required=True, metavar="DIR")
+    train.add_argument("--data", required=True, metavar="DIR", help="the dataset folder")
     train.add_argument("--out", required=True, metavar="RUN", help="run folder: config.json, log.jsonl, last.pt, best.pt, curves.png")
     train.add_argument("--segmentations", metavar="DIR", help="foreground masks: val pointing game per epoch")
-    train.add_argument("--model", choices=("aim", "baseline"), default="aim")
-    train.add_argument("--backbone", choices=BACKBONE_NAMES + (SMALL_BACKBONE,), default="resnet50")
+    train.add_argument("--model", choices=("aim", "baseline"), default="aim",
+                       help="AIM, or the backbone with a linear classifier on its last stage")
+    train.add_argument("--backbone", choices=BACKBONE_NAMES + (SMALL_BACKBONE,), default="resnet50",
+                       help="torchvision classifier whose stages feed the pathway (small_convnet: for toy data)")
     train.add_argument("--weights", default="none", metavar="none|DEFAULT|PATH",
                        help="backbone weights: none, torchvision's pretrained (DEFAULT, needs network), or a torchvision "
                             "state dict / `aim train` checkpoint file")
@@ -53,27 +66,27 @@ def build_parser():
                        help="AIM: 'loss' (the paper's): the mask loss pulls each mask's area towards tau; 'eval' (default): so in "
                             "training, and at eval every image keeps exactly tau of each stage's positions (its highest logits), "
                             "so the area carries nothing; 'fixed': exactly tau in training too")
-    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--epochs", type=int, default=30, help="training epochs")
     train.add_argument("--anneal-epochs", type=int, default=10, help="epochs over which tau goes from 1.0 to --target")
     train.add_argument("--batch-size", type=int, default=32, help="global batch (split over processes)")
     train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (cosine decay over the run)")
     train.add_argument("--backbone-lr", type=float, default=None, help="learning rate of the backbone (default: --lr)")
-    train.add_argument("--weight-decay", type=float, default=1e-4)
-    train.add_argument("--image-size", type=int, default=224)
+    train.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    train.add_argument("--image-size", type=int, default=224, help="side of the square images the model sees")
     train.add_argument("--preprocessing", choices=PREPROCESSINGS, default="imagenet",
                        help="imagenet: random resized crop + flip in training, resize + center crop in evaluation, "
                             "ImageNet normalization (group_DRO's); raw: images as they are (--image-size square, values "
                             "in [0, 1]), as `aim demo` trains on the embedded benchmark (`aim data embedded` writes it)")
     train.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seeds the initialization, data order, augmentation and noise")
     train.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")
     train.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype (fp16: CUDA only)")
-    train.add_argument("--channels-last", action="store_true")
+    train.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convolutions on GPUs)")
     train.add_argument("--compile", action="store_true", help="torch.compile the whole model")
     train.add_argument("--compile-backend", default="inductor",
                        help="torch.compile backend (aot_eager: graph capture and AOTAutograd without code generation)")
     train.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm statistics fixed (eval mode) while training")
-    train.add_argument("--threads", type=int, default=0, help="torch intra-op CPU threads (0: torch's default)")
+    train.add_argument("--threads", type=int, default=0, help="torch intra-op CPU threads (0: as many as torch picks)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
 
     ev = commands.add_parser("eval", help="accuracy, group accuracies, mask fractions, pointing game of masks and GradCAM")

@@ -9,3 +9,10 @@ class UsageError(ValueError):
 
 class DataError(UsageError):
     """Bad data on disk; the message names the file (and row)."""
+
+
+def first_line(error):
+    """The first line of an exception's message for a one-line error, or the exception's type
+    name when the message is empty (torch.load of an empty file, for one)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

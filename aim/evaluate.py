@@ -297,9 +297,10 @@ def command_eval(args):
     """``aim eval``: the metrics of a checkpoint on one split, printed and optionally as JSON."""
     import json
 
-    from aim.train import load_checkpoint, model_from_checkpoint
+    from aim.train import check_device, load_checkpoint, model_from_checkpoint
 
-    checkpoint = load_checkpoint(args.checkpoint)
+    check_device(args.device)
+    checkpoint = load_checkpoint(args.checkpoint, f"checkpoint {args.checkpoint}")
     config = checkpoint["config"]
     dataset = open_split_for(checkpoint, args.checkpoint, args.data, args.split, args.segmentations, args.workers)
     model = model_from_checkpoint(checkpoint, args.device)

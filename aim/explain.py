@@ -75,18 +75,21 @@ def save_explanation(image, explanation, path, title):
 
 def command_explain(args):
     from aim.data import DataError
+    from aim.data.common import UNREADABLE
+    from aim.errors import first_line
     from aim.data.transforms import denormalize, load_image, transform_for
-    from aim.train import load_checkpoint, model_from_checkpoint
+    from aim.train import check_device, load_checkpoint, model_from_checkpoint
 
-    checkpoint = load_checkpoint(args.checkpoint)
+    check_device(args.device)
+    checkpoint = load_checkpoint(args.checkpoint, f"checkpoint {args.checkpoint}")
     preprocessing = checkpoint["config"].get("preprocessing", "imagenet")
     transform = transform_for(preprocessing, checkpoint["config"]["image_size"])
     images = []
     for path in args.images:  # every image read before anything is written
         try:
             images.append(transform(load_image(path)))
-        except (OSError, ValueError) as error:
-            raise DataError(f"{path}: cannot be read as an image ({str(error).splitlines()[0]})") from None
+        except UNREADABLE as error:
+            raise DataError(f"{path}: cannot be read as an image ({first_line(error)})") from None
         size = checkpoint["config"]["image_size"]
         if preprocessing == "raw" and tuple(images[-1].shape[-2:]) != (size, size):
             raise DataError(f"{path}: the image is {images[-1].shape[-1]}x{images[-1].shape[-2]}; the model was trained with "

@@ -470,6 +470,9 @@ def command_report(args):
     for name in ("gallery", "faithfulness_images", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from aim.train import check_device
+
+    check_device(args.device)
     run = load_run(args.run, args.checkpoint, args.device)
     baseline = load_run(args.baseline, args.checkpoint, args.device) if args.baseline else None
     if baseline is not None:

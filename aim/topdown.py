@@ -334,7 +334,7 @@ class FusedTopDownMask(nn.Module):
         names = list(x.keys())
         if len(names) != len(self.in_channels_list):
             raise ValueError(f"input has {len(names)} stage maps ({names}) but in_channels_list has {len(self.in_channels_list)} entries")
-        previous_size = None
+        previous_size, first = None, None
         for name, expected in zip(names, self.in_channels_list):
             t = x[name]
             if isinstance(t, torch.fx.Proxy):  # FX symbolic tracing: no shapes to check until it runs
@@ -343,6 +343,11 @@ class FusedTopDownMask(nn.Module):
                 raise ValueError(f"stage {name!r} must be a 4-D NCHW tensor, got {getattr(t, 'shape', type(t).__name__)}")
             if t.shape[1] != expected:
                 raise ValueError(f"stage {name!r} has {t.shape[1]} channels but in_channels_list says {expected}")
+            if first is None:
+                first = name
+            elif t.shape[0] != x[first].shape[0]:  # said here: the kernels would name their own arguments
+                raise ValueError(f"stage maps must share the batch size: stage {name!r} has {t.shape[0]} images, "
+                                 f"stage {first!r} {x[first].shape[0]}")
             size = tuple(t.shape[-2:])
             if previous_size is not None and (size[0] > previous_size[0] or size[1] > previous_size[1]):
                 raise ValueError(f"stage maps must be ordered finest first: stage {name!r} is {size[0]}x{size[1]}, larger than the stage before it ({previous_size[0]}x{previous_size[1]})")

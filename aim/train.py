@@ -11,8 +11,10 @@ fixed thread count).
 """
 import dataclasses
 import json
+import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -25,10 +27,10 @@ from torch.utils.data import DataLoader
 import aim
 from aim import metrics
 from aim.data import SeededSampler
-from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights
+from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights, probe_stage_channels
 from aim.data.transforms import PREPROCESSINGS
 from aim.evaluate import evaluate, group_counts, logits_of, mask_stage_names, selection_metric
-from aim.errors import UsageError
+from aim.errors import DataError, UsageError, first_line
 from aim.topdown import MASK_BUDGETS, POOLINGS
 
 CHECKPOINT_FORMAT = "aim-train-checkpoint-1"
@@ -97,6 +99,19 @@ class TrainConfig:
             raise UsageError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
         if self.amp == "fp16" and not self.device.startswith("cuda"):
             raise UsageError("--amp fp16 needs --device cuda (fp16 autocast with a gradient scaler); use --amp bf16 on CPU")
+        if not 0 < self.target <= 1:
+            raise UsageError(f"--target must be a fraction in (0, 1] (of the mask entries kept active), got {self.target}")
+        if self.depth < 1:
+            raise UsageError(f"--depth must be >= 1 (top-down stages), got {self.depth}")
+        for name in ("lr", "backbone_lr"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        check_device(self.device)
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise UsageError(f"--out {self.out}: is a file; --out names the run folder to write (or to resume)")
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -105,6 +120,21 @@ class TrainConfig:
         if self.select_annealed and self.model == "aim" and self.epochs <= self.warmup_epochs + self.anneal_epochs:
             raise UsageError(f"--select-annealed needs an epoch at the target tau: --epochs {self.epochs} must exceed "
                              f"--warmup-epochs + --anneal-epochs ({self.warmup_epochs + self.anneal_epochs})")
+
+
+def check_device(device):
+    """A UsageError naming --device unless ``device`` is cpu or a CUDA GPU this machine has."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device must be cpu or cuda (or cuda:N), got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda (or cuda:N), got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA GPU is available to PyTorch here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
 # Settings that checkpoints written before they existed do not record, with the value those runs used.
@@ -145,7 +175,8 @@ def build_run_backbone(config):
     else:
         backbone = _torchvision_backbone(config.backbone, config.weights)
     if config.weights not in ("none", "DEFAULT"):
-        load_backbone_weights(backbone, _load_file(config.weights), f"--weights {config.weights}")
+        load_backbone_weights(backbone, _load_file(config.weights, f"--weights {config.weights}"),
+                              f"--weights {config.weights}")
     return backbone
 
 
@@ -156,28 +187,41 @@ def _torchvision_backbone(name, weights):
         return build_backbone(name, weights="DEFAULT")
     except (OSError, RuntimeError) as error:  # URLError is an OSError
         raise UsageError(f"--weights DEFAULT: could not download torchvision's pretrained {name} weights "
-                         f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); offline, download them on a "
+                         f"({first_line(error)}); offline, download them on a "
                          f"machine with network (torchvision.models.get_model({name!r}, weights='DEFAULT').state_dict(), "
                          f"torch.save) and pass --weights PATH, or train from scratch with --weights none") from None
 
 
-def _load_file(path):
+def _load_file(path, given_as):
+    """torch.load of a file the user named; ``given_as`` is how (e.g. "--weights w.pt"), for errors."""
     if not os.path.isfile(path):
-        raise UsageError(f"--weights {path}: no such file")
+        raise UsageError(f"{given_as}: no such file")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{given_as}: the file is empty (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors of many kinds: the file is not a state dict
-        raise UsageError(f"--weights {path}: cannot be read by torch.load ({str(error).splitlines()[0]})") from None
+        raise UsageError(f"{given_as}: cannot be read by torch.load ({first_line(error)}); "
+                         f"is it truncated or not a PyTorch file?") from None
 
 
-def load_checkpoint(path):
-    """A checkpoint written by :func:`fit` (last.pt or best.pt), as a dict."""
-    checkpoint = _load_file(path) if os.path.isfile(path) else None
-    if checkpoint is None:
-        raise UsageError(f"{path}: no such file")
+def load_checkpoint(path, given_as=None):
+    """A checkpoint written by :func:`fit` (last.pt or best.pt), as a dict. ``given_as``: how
+    the user named the file (e.g. "checkpoint run/best.pt"), for errors; default the path."""
+    given_as = given_as or path
+    checkpoint = _load_file(path, given_as)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path}: not a checkpoint written by `aim train`")
+        raise UsageError(f"{given_as}: not a checkpoint written by `aim train`")
+    if non_finite_tensors(checkpoint["model"].values()):
+        raise UsageError(f"{given_as}: the weights hold NaN or infinity (a run that diverged); train again with a lower --lr")
     return checkpoint
+
+
+def non_finite_tensors(tensors):
+    """How many of the floating-point ``tensors`` hold a NaN or an infinity, as a 0-d tensor on
+    their device (summed there: one synchronization when read, not one per tensor)."""
+    flags = [~torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return torch.stack(flags).sum() if flags else torch.zeros((), dtype=torch.long)
 
 
 def model_from_checkpoint(checkpoint, device="cpu"):
@@ -272,6 +316,19 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
+# The files of a run folder that atomic_write writes, and its temporary names for them.
+ATOMIC_RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt")
+STALE_TEMPORARY = re.compile(rf"(?:{'|'.join(map(re.escape, ATOMIC_RUN_FILES))})\.tmp\d+")
+
+
+def remove_stale_temporaries(folder):
+    """Delete what atomic_write of a killed run left in ``folder`` (``last.pt.tmp1234``, ...);
+    nothing else, whatever its name."""
+    for entry in os.scandir(folder):
+        if entry.is_file() and STALE_TEMPORARY.fullmatch(entry.name):
+            os.remove(entry.path)
+
+
 def save_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -347,7 +404,9 @@ def _fit(config, train_set, val_set, resume, ranks, log):
                         pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
                         generator=torch.Generator().manual_seed(config.seed))
     if len(loader) == 0:
-        raise UsageError(f"the training split has {len(train_set)} images, fewer than one batch of {config.batch_size}")
+        fitting = len(train_set) // ranks.world_size * ranks.world_size
+        raise UsageError(f"--batch-size {config.batch_size}: the training split has only {len(train_set)} images, fewer than "
+                         f"one batch; pass --batch-size {fitting} or less")
     # Gumbel noise of each rank draws from its own generator.
     torch.manual_seed(config.seed + ranks.rank)
     random.seed(config.seed + ranks.rank)
@@ -370,6 +429,7 @@ def _fit(config, train_set, val_set, resume, ranks, log):
         log(f"resumed {last_path} after epoch {start_epoch}")
     if ranks.main:
         os.makedirs(config.out, exist_ok=True)
+        remove_stale_temporaries(config.out)
         save_json(os.path.join(config.out, "config.json"), {**dataclasses.asdict(config), **run_metadata()})
         # The log holds exactly the checkpointed epochs: lines of an epoch cut short are dropped.
         atomic_write(os.path.join(config.out, "log.jsonl"), lambda tmp: _write_lines(tmp, history))
@@ -420,15 +480,22 @@ def _fit(config, train_set, val_set, resume, ranks, log):
             progress.update(sums, ranks.world_size, time.perf_counter() - started)
         progress.close()
         scheduler.step()
-        totals = ranks.all_sum(sums.tolist() + active.tolist())  # one synchronization per epoch
+        diverged = non_finite_tensors(raw_model.state_dict().values()).item()
+        totals = ranks.all_sum(sums.tolist() + active.tolist() + [diverged])  # one synchronization per epoch
         seen = totals[2]
+        # Checked once an epoch, not every step (which would synchronize a GPU each step): the
+        # epoch that went non-finite is neither evaluated nor written, so no file holds it.
+        if not math.isfinite(totals[0]) or totals[-1]:
+            kept = f"{config.out} keeps epoch {epoch}" if epoch else "no epoch finished"
+            raise UsageError(f"--lr {config.lr}: training diverged in epoch {epoch + 1} (non-finite loss or weights) and "
+                             f"stopped; {kept}; train again with a lower --lr")
         train_time = time.perf_counter() - started
         val = evaluate(model, val_set, batch_size=per_rank_batch, workers=config.workers, device=device,
                        amp_dtype=amp_dtype, channels_last=config.channels_last, with_gradcam=False,
                        rank=ranks.rank, world_size=ranks.world_size, group_weights=group_counts(train_set))
         row = {"epoch": epoch + 1, "loss": totals[0] / seen, "train_accuracy": totals[1] / seen, "lr": lrs,
                "tau": tau if is_aim else None,
-               "mask_active_fraction": dict(zip(mask_stage_names(raw_model), [a / seen for a in totals[3:]])) if is_aim else None,
+               "mask_active_fraction": dict(zip(mask_stage_names(raw_model), [a / seen for a in totals[3:-1]])) if is_aim else None,
                "val": val, "train_images_per_s": seen / train_time, "time_s": time.perf_counter() - started}
         history.append(row)
         score = selection_metric(val)
@@ -453,7 +520,7 @@ def _resume_point(config, resume, last_path, ranks):
         return None
     if not exists:
         raise UsageError(f"--resume: {last_path}: no such file")
-    checkpoint = load_checkpoint(last_path)
+    checkpoint = load_checkpoint(last_path, f"--resume: {last_path}")
     saved = saved_config(checkpoint)
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
                if k not in RESUMABLE_CHANGES and saved.get(k, getattr(TrainConfig, k)) != v]
@@ -516,8 +583,11 @@ def command_train(args):
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
     config.check()
-    if config.weights != "none":
-        build_run_backbone(config)  # a download that cannot happen, or a file that does not fit, fails now
+    # A download that cannot happen, a weights file that does not fit or a --depth beyond the
+    # backbone's stages fails now, before the data is read.
+    stages = len(probe_stage_channels(build_run_backbone(config)))
+    if config.model == "aim" and config.depth > stages:
+        raise UsageError(f"--depth {config.depth}: the {config.backbone} backbone has {stages} stages; use --depth 1..{stages}")
     threads = max(1, config.workers)
     train_set = open_split(config.data, "train", config.image_size, augment=True, check_threads=threads,
                            preprocessing=config.preprocessing)
@@ -525,7 +595,19 @@ def command_train(args):
                          preprocessing=config.preprocessing)
     if val_set.class_names != train_set.class_names:
         raise UsageError(f"{config.data}: the val split's classes differ from the train split's")
+    for split, dataset in (("train", train_set), ("val", val_set)):  # else best.pt would be chosen on some classes only
+        present = set(dataset.labels.unique().tolist())
+        missing = [name for label, name in enumerate(dataset.class_names) if label not in present]
+        if missing:
+            raise DataError(f"{config.data}: the {split} split has no images of class{'es' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)}; training and selecting best.pt need every class in train and val")
     if os.environ.get("RANK", "0") == "0":
+        annealed_by = config.warmup_epochs + config.anneal_epochs
+        if config.model == "aim" and config.epochs <= annealed_by:
+            last_tau = aim.MaskAnnealing(config.target, config.anneal_epochs, warmup_epochs=config.warmup_epochs)(config.epochs - 1)
+            print(f"note: tau reaches --target {config.target} in epoch {annealed_by + 1} (--warmup-epochs + --anneal-epochs); "
+                  f"this run ends at tau {last_tau:.2f}: pass --epochs {annealed_by + 1} or more, or a smaller --anneal-epochs",
+                  flush=True)
         print(f"data: {config.data} ({type(train_set).__name__}), {len(train_set)} train / {len(val_set)} val images, "
               f"{train_set.num_classes} classes" + (f", {train_set.num_groups} groups" if train_set.has_groups else ""), flush=True)
     fit(config, train_set, val_set, resume=args.resume)

@@ -209,6 +209,10 @@ def test_bad_input():
         module(list(x.values()))
     with pytest.raises(ValueError, match="finest first"):
         module(stage_maps(sizes=[(23, 19), (12, 10), (3, 3), (6, 5)]))
+    uneven = stage_maps()
+    uneven["feat3"] = uneven["feat3"][:1]
+    with pytest.raises(ValueError, match=f"stage 'feat3' has 1 images, stage 'feat0' {x['feat0'].shape[0]}"):
+        module(uneven)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -3,10 +3,11 @@ sampler (augmentation and order a function of seed, epoch and index only), image
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from aim.data.transforms import load_foreground, load_image
-from aim.errors import DataError  # noqa: F401  (the readers raise it from here)
+from aim.errors import DataError, first_line
 
 
 class SampleDataset(Dataset):
@@ -89,6 +90,11 @@ class TensorDataset(SampleDataset):
         return item + (self.foregrounds[index],) if self.has_foregrounds else item
 
 
+# What PIL raises for a file it cannot decode; DecompressionBombError (an image of more than
+# twice Image.MAX_IMAGE_PIXELS) is neither an OSError nor a ValueError.
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
+
+
 def check_split(dataset, split, threads=1):
     """Decode every image (and foreground mask) of a split once, before any training, so a
     missing or corrupt file ends the run with a :class:`DataError` naming it."""
@@ -99,13 +105,15 @@ def check_split(dataset, split, threads=1):
 
     def check(index):
         try:
-            load_image(dataset.paths[index], check=True)
-        except (OSError, ValueError) as error:
+            size = load_image(dataset.paths[index], check=True)
+        except UNREADABLE as error:
             raise DataError(f"{dataset.where(index)}: cannot be read as an image ({_reason(error)})") from None
         if dataset.has_foregrounds:
             try:
-                load_foreground(dataset.foreground_paths[index], None, check=True)
-            except (OSError, ValueError) as error:
+                load_foreground(dataset.foreground_paths[index], size, check=True)
+            except DataError:
+                raise
+            except UNREADABLE as error:
                 raise DataError(f"{dataset.foreground_paths[index]} (foreground of {dataset.paths[index]}): "
                                 f"cannot be read as a mask ({_reason(error)})") from None
 
@@ -117,8 +125,6 @@ def check_split(dataset, split, threads=1):
 def check_sizes(dataset, image_size):
     """Every image of a :class:`FileDataset` is image_size x image_size (the "raw" preprocessing
     uses images as they are); else a :class:`DataError` naming the first that is not."""
-    from PIL import Image
-
     for index, path in enumerate(dataset.paths):
         with Image.open(path) as image:
             if image.size != (image_size, image_size):
@@ -133,7 +139,7 @@ def _reason(error):
         return "no such file"
     if isinstance(error, UnidentifiedImageError):
         return "not an image file PIL knows"
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return first_line(error)
 
 
 def sample_seed(seed, epoch, index):

@@ -12,6 +12,8 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from aim.errors import DataError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -51,19 +53,33 @@ def denormalize(images):
 
 def load_image(path, check=False):
     """An RGB PIL image; ``check`` decodes it at reduced size only (JPEG draft mode still reads
-    the whole stream, so truncation is found) and returns None."""
+    the whole stream, so truncation is found) and returns its (width, height).
+
+    16-bit grayscale images (PNG's I;16, PIL's I) keep their top 8 bits: PIL's convert("RGB")
+    clips them at 255, which turns most such images white."""
     with Image.open(path) as image:
         if check:
+            size = image.size
             image.draft("RGB", (64, 64))
             image.load()
-            return None
+            return size
+        if image.mode.startswith("I;16") or image.mode == "I":
+            return image.convert("I").point(lambda value: value / 256).convert("L").convert("RGB")
         return image.convert("RGB")
 
 
 def load_foreground(path, size, check=False):
     """A foreground mask (any pixel > 0 is foreground) as a (1, H, W) uint8 tv_tensors.Mask;
-    ``size`` (width, height) of the image it belongs to, for a mask stored at another size."""
+    ``size`` (width, height) of the image it belongs to. A mask stored at another size of the
+    same aspect ratio (within rounding) is resized to the image (nearest); one of another
+    aspect ratio is a :class:`DataError` naming the mask, as stretching it would move the
+    foreground. ``check`` decodes it and returns None."""
     with Image.open(path) as mask:
+        if size is not None and mask.size != size:
+            (mask_w, mask_h), (image_w, image_h) = mask.size, size
+            if abs(mask_w * image_h - mask_h * image_w) > (image_w + image_h) / 2:
+                raise DataError(f"{path}: the mask is {mask_w}x{mask_h}, its image {image_w}x{image_h}: another aspect "
+                                f"ratio (a mask of the same aspect ratio would be resized to the image)")
         if check:
             mask.load()
             return None

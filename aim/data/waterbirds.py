@@ -25,7 +25,7 @@ def read_metadata(root):
             if missing:
                 raise DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
                                 f"(needs {', '.join(REQUIRED_COLUMNS)})")
-            rows, names = [], ({}, {})
+            rows, names, first_listed = [], ({}, {}), {}  # first_listed: img_filename -> (line, y)
             for row in reader:
                 line = reader.line_num
                 values = [_int(row, column, path, line) for column in ("y", "split", "place")]
@@ -34,6 +34,10 @@ def read_metadata(root):
                         raise DataError(f"{path} line {line}: {column} = {value} is out of range (0..{len(allowed) - 1})")
                 if not row["img_filename"]:
                     raise DataError(f"{path} line {line}: empty img_filename")
+                earlier_line, earlier_y = first_listed.setdefault(row["img_filename"], (line, values[0]))
+                if earlier_y != values[0]:
+                    raise DataError(f"{path} lines {earlier_line} and {line}: {row['img_filename']} is listed with "
+                                    f"y = {earlier_y} and y = {values[0]}")
                 rows.append((line, row["img_filename"], *values))
                 for column, value, seen in (("class_name", values[0], names[0]), ("place_name", values[2], names[1])):
                     if row.get(column):
