@@ -174,18 +174,19 @@ class BaselineClassifier(nn.Module):
 
 def backbone_state_from(backbone, state, source):
     """(the entries of ``state`` under ``backbone``'s names, the names they must cover): a
-    classifier's state dict (torchvision's, or timm's for a TimmBackbone) less its head, which
-    leaves the backbone's new layers (``new_parameter_prefixes``) to their initialization; or an
-    ``aim train`` checkpoint of either model kind (its ``backbone.`` entries, all of them).
-    ``source`` names the file in errors."""
+    classifier's state dict (torchvision's, or timm's for a TimmBackbone) less its head, or an
+    ``aim train`` checkpoint of either model kind (its ``backbone.`` entries). Either may leave
+    out the backbone's new layers (``new_parameter_prefixes``: a ViT's pyramid, AIM's own like
+    the pathway), which then keep their initialization. ``source`` names the file in errors."""
     if not isinstance(state, dict):
         raise UsageError(f"{source}: expected a state dict or an `aim train` checkpoint, got {type(state).__name__}")
-    expected = backbone.state_dict().keys()
     if "model" in state and "config" in state:  # an `aim train` checkpoint
         prefix = "backbone."
-        return {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}, expected
+        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    else:
+        weights = backbone.backbone_state_of_classifier(state)
     new_layers = tuple(backbone.new_parameter_prefixes)
-    return backbone.backbone_state_of_classifier(state), {k for k in expected if not k.startswith(new_layers)}
+    return weights, [k for k in backbone.state_dict() if not k.startswith(new_layers)]
 
 
 def load_backbone_weights(backbone, state, source):
@@ -193,10 +194,10 @@ def load_backbone_weights(backbone, state, source):
     leaves some missing or has entries the backbone cannot place is a ValueError naming
     ``source`` and the keys."""
     weights, expected = backbone_state_from(backbone, state, source)
-    if not weights.keys() & expected:
+    if not weights.keys() & set(expected):
         raise UsageError(f"{source}: none of its {len(weights)} entries names a parameter of the backbone "
-                         f"(e.g. {next(iter(weights), '(empty)')!r} vs {next(iter(sorted(expected)))!r}): a different architecture?")
-    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - backbone.state_dict().keys())
+                         f"(e.g. {next(iter(weights), '(empty)')!r} vs {expected[0]!r}): a different architecture?")
+    missing, unexpected = sorted(set(expected) - weights.keys()), sorted(weights.keys() - backbone.state_dict().keys())
     if missing or unexpected:
         raise UsageError(f"{source}: does not fit the backbone: {len(missing)} missing (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")

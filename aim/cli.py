@@ -110,6 +110,10 @@ def build_parser():
     bench.add_argument("--quick", action="store_true", help="one small shape per benchmark (a smoke run)")
     bench.add_argument("--benchmarks", metavar="DIR", help="the benchmarks folder (default: ./benchmarks)")
     bench.add_argument("--out", default="aim_bench_out", metavar="DIR", help="where the CSV/JSON copies and speedups.png go")
+    bench.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks (NAME: bench_NAME.py, e.g. backbones)")
+    bench.add_argument("--backbones", nargs="+", metavar="NAME",
+                       help="torchvision names or timm:NAME for bench_backbones.py (AIM's added parameters, FLOPs, "
+                            "train-step and inference time against the plain classifier; default: its table's)")
 
     demo = commands.add_parser("demo", help="AIM vs the baseline under a spurious correlation on the embedded benchmark "
                                              "(pretraining, fine-tuning, test table, PNG of masks and GradCAM)")

@@ -154,6 +154,16 @@ def test_timm_classifier_state_dict_loads_and_new_layers_stay(name):
     assert len(loaded) == len(placed) + len(pyramid) and all(torch.equal(loaded[k], v) for k, v in pyramid.items())
 
 
+def test_baseline_checkpoint_of_a_vit_starts_a_deeper_aim():
+    """The baseline's pyramid builds one level (no weights); AIM[3]'s finer level is new."""
+    baseline = aim.backbones.BaselineClassifier(build_backbone(VIT, stages_used=1, image_size=SIZE, **TINY_KWARGS[VIT]), 2)
+    checkpoint = {"config": {}, "model": baseline.state_dict()}
+    backbone = build_backbone(VIT, stages_used=3, image_size=SIZE, **TINY_KWARGS[VIT])
+    load_backbone_weights(backbone, checkpoint, "best.pt")
+    assert torch.equal(backbone.state_dict()["model.blocks.2.mlp.fc2.weight"], baseline.state_dict()["backbone.model.blocks.2.mlp.fc2.weight"])
+    assert backbone.stage_names == ["1", "2", "3"] and any(k.startswith("pyramid.levels.1.") for k in backbone.state_dict())
+
+
 def test_torchvision_resnet_state_dict_loads_into_timm_resnet():
     classifier = torchvision.models.resnet18(num_classes=5)
     backbone = build_backbone("timm:resnet18")
@@ -265,3 +275,21 @@ def test_profile_accepts_timm_names(capsys):
     assert main(["profile", "--backbone", VIT, "--image-size", "64"]) == 0
     printed = capsys.readouterr().out
     assert f"AIM[2] on {VIT} at 64x64" in printed and "added" in printed
+
+
+def test_bench_passes_backbones_to_the_backbones_benchmark_only(tmp_path, capsys):
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    for name in ("backbones", "other"):  # each writes the arguments it was given
+        (folder / f"bench_{name}.py").write_text(
+            "import json, os, sys\n"
+            "os.makedirs(os.path.join(os.path.dirname(__file__), 'results'), exist_ok=True)\n"
+            f"json.dump({{'argv': sys.argv[1:]}}, open(os.path.join(os.path.dirname(__file__), 'results', '{name}.json'), 'w'))\n")
+    out = tmp_path / "out"
+    assert main(["bench", "--benchmarks", str(folder), "--out", str(out), "--backbones", VIT, "resnet18"]) == 0
+    assert json.loads((out / "backbones.json").read_text())["argv"] == ["--backbones", VIT, "resnet18"]
+    assert json.loads((out / "other.json").read_text())["argv"] == []
+    assert main(["bench", "--benchmarks", str(folder), "--out", str(tmp_path / "only"), "--only", "other"]) == 0
+    assert [p.name for p in (tmp_path / "only").iterdir() if p.suffix == ".json" and p.name != "runs.json"] == ["other.json"]
+    assert main(["bench", "--benchmarks", str(folder), "--out", str(out), "--only", "nothing"]) == 2
+    assert "--only nothing: no such benchmark" in capsys.readouterr().err
