@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from aim.errors import UsageError
+from aim.timm_backbones import PYRAMID_LEVELS, build_timm_backbone, is_timm_name
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CONVNEXTS = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
@@ -59,19 +60,43 @@ class StageBackbone(nn.Module):
         """The module whose output is the coarsest stage map (GradCAM's layer)."""
         return self._steps()[self.return_layers[-1]]
 
+    def backbone_state_of_classifier(self, state):
+        """A torchvision classifier's state dict without its head: the names are the same."""
+        return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
 
-def build_backbone(name, weights=None):
-    """The feature stages of a torchvision classifier by name, as a :class:`StageBackbone` with
-    torchvision's parameter names (``conv1.weight``, ``layer1.0.conv1.weight``, ``features.1.0...``).
+    # Layers of the backbone that a classifier's state dict does not hold (a TimmBackbone's pyramid).
+    new_parameter_prefixes = ()
 
-    ``weights`` is passed to ``torchvision.models.get_model`` unchanged (e.g. ``"DEFAULT"`` or a
-    weights enum), so pretrained weights are downloaded by torchvision for users with network;
-    None builds a randomly initialized backbone. The classifier head is dropped.
+
+def build_backbone(name, weights=None, stages_used=None, image_size=None, **timm_kwargs):
+    """The feature stages of a classifier by name: a torchvision name (``BACKBONE_NAMES``) as a
+    :class:`StageBackbone` with torchvision's parameter names (``conv1.weight``,
+    ``layer1.0.conv1.weight``, ``features.1.0...``), or ``"timm:NAME"`` as an
+    :class:`aim.timm_backbones.TimmBackbone` (any timm model with stage maps, e.g.
+    ``timm:swin_tiny_patch4_window7_224``). The classifier head is dropped.
+
+    ``weights``: None builds a randomly initialized backbone; a torchvision name passes it to
+    ``torchvision.models.get_model`` unchanged (e.g. ``"DEFAULT"`` or a weights enum), a timm name
+    takes ``"DEFAULT"`` (timm's ``pretrained=True``); either downloads for users with network.
+    ``stages_used``: how many of the coarsest stages the model reads (AIM's depth, 1 for the
+    baseline; None: all); a backbone whose stages exist for their reader alone, a plain ViT's
+    pyramid, builds only those. ``image_size`` and ``timm_kwargs`` (``timm.create_model``
+    arguments, e.g. ``depth=2``) apply to timm names only (see
+    :func:`aim.timm_backbones.build_timm_backbone`).
     """
+    if is_timm_name(name):
+        if weights not in (None, "DEFAULT"):
+            raise ValueError(f"weights for {name} must be None or 'DEFAULT' (timm's pretrained=True), got {weights!r}; "
+                             f"choose a timm weight tag in the name, e.g. timm:resnet18.a1_in1k")
+        return build_timm_backbone(name.removeprefix("timm:"), pretrained=weights == "DEFAULT", image_size=image_size,
+                                   pyramid_levels=min(stages_used or PYRAMID_LEVELS, PYRAMID_LEVELS), **timm_kwargs)
+    if name not in BACKBONE_NAMES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}, timm:NAME, "
+                         f"or pass an nn.Module")
+    if timm_kwargs:
+        raise ValueError(f"{', '.join(timm_kwargs)}: model arguments apply to timm:NAME backbones only, not {name}")
     import torchvision
 
-    if name not in BACKBONE_NAMES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)} or pass an nn.Module")
     model = torchvision.models.get_model(name, weights=weights)
     if name in RESNETS:
         layers = OrderedDict((n, getattr(model, n)) for n in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"))
@@ -111,6 +136,13 @@ def as_stage_dict(stages):
     raise TypeError(f"the backbone must return a list/tuple or dict of stage maps, got {type(stages).__name__}")
 
 
+def stage_channels_of(backbone):
+    """Channels of each stage map: as the backbone declares them (``stage_channels``: a
+    TimmBackbone's, from timm's feature_info), else probed."""
+    declared = getattr(backbone, "stage_channels", None)
+    return list(declared) if declared is not None else probe_stage_channels(backbone)
+
+
 def probe_stage_channels(backbone, in_channels=3, size=64):
     """Channels of each stage map, found by one no-grad forward of a small zero image in eval
     mode (so BatchNorm statistics are not touched); the backbone's mode is restored."""
@@ -133,38 +165,44 @@ class BaselineClassifier(nn.Module):
     def __init__(self, backbone, num_classes, channels=None):
         super().__init__()
         self.backbone = backbone
-        channels = channels if channels is not None else probe_stage_channels(backbone)[-1]
+        channels = channels if channels is not None else stage_channels_of(backbone)[-1]
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, images):
         return self.fc(as_stage_dict(self.backbone(images)).popitem()[1].mean(dim=(2, 3)))
 
 
-def backbone_state_from(state, source):
-    """The backbone entries of a torchvision classifier's state dict (its head dropped) or of
-    an ``aim train`` checkpoint of either model kind (its ``backbone.`` entries). ``source``
-    names the file in errors."""
+def backbone_state_from(backbone, state, source):
+    """(the entries of ``state`` under ``backbone``'s names, the names they must cover): a
+    classifier's state dict (torchvision's, or timm's for a TimmBackbone) less its head, or an
+    ``aim train`` checkpoint of either model kind (its ``backbone.`` entries). Either may leave
+    out the backbone's new layers (``new_parameter_prefixes``: a ViT's pyramid, AIM's own like
+    the pathway), which then keep their initialization. ``source`` names the file in errors."""
     if not isinstance(state, dict):
         raise UsageError(f"{source}: expected a state dict or an `aim train` checkpoint, got {type(state).__name__}")
     if "model" in state and "config" in state:  # an `aim train` checkpoint
         prefix = "backbone."
-        return {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
-    return {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    else:
+        weights = backbone.backbone_state_of_classifier(state)
+    new_layers = tuple(backbone.new_parameter_prefixes)
+    return weights, [k for k in backbone.state_dict() if not k.startswith(new_layers)]
 
 
 def load_backbone_weights(backbone, state, source):
-    """Load :func:`backbone_state_from` into ``backbone`` with ``strict=True``; a state that
-    matches no parameter name, or leaves some missing, is a ValueError naming ``source``."""
-    weights = backbone_state_from(state, source)
-    expected = backbone.state_dict().keys()
-    if not weights.keys() & expected:
+    """Load :func:`backbone_state_from` into ``backbone``; a state that matches no parameter name,
+    leaves some missing or has entries the backbone cannot place is a ValueError naming
+    ``source`` and the keys."""
+    weights, expected = backbone_state_from(backbone, state, source)
+    if not weights.keys() & set(expected):
         raise UsageError(f"{source}: none of its {len(weights)} entries names a parameter of the backbone "
-                         f"(e.g. {next(iter(weights), '(empty)')!r} vs {next(iter(expected))!r}): a different architecture?")
-    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+                         f"(e.g. {next(iter(weights), '(empty)')!r} vs {expected[0]!r}): a different architecture?")
+    missing, unexpected = sorted(set(expected) - weights.keys()), sorted(weights.keys() - backbone.state_dict().keys())
     if missing or unexpected:
         raise UsageError(f"{source}: does not fit the backbone: {len(missing)} missing (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     try:
-        backbone.load_state_dict(weights, strict=True)
+        # Not strict only for the new layers (``expected`` leaves them out): every other key was checked above.
+        backbone.load_state_dict(weights, strict=len(expected) == len(backbone.state_dict()))
     except RuntimeError as error:  # shape mismatches
         raise UsageError(f"{source}: does not fit the backbone: {str(error).splitlines()[-1].strip()}") from None

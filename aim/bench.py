@@ -19,22 +19,34 @@ from aim.errors import UsageError
 IDENTITY = ("what", "shape", "mode", "provider", "path", "allocator", "threads")
 
 
-def find_scripts(folder):
+# The script that times whole models per backbone; ``aim bench --backbones`` is passed on to it.
+BACKBONES_SCRIPT = "bench_backbones.py"
+
+
+def find_scripts(folder, only=None):
+    """The folder and its bench_*.py scripts; ``only``: names (``backbones`` for bench_backbones.py) to keep."""
     folder = folder or os.path.join(os.getcwd(), "benchmarks")
     scripts = sorted(glob.glob(os.path.join(folder, "bench_*.py")))
     if not scripts:
         raise UsageError(f"no bench_*.py in {folder}: `aim bench` runs the benchmark scripts of a repository checkout "
                          f"(they are not installed with the package); run it from the repository root or pass --benchmarks DIR")
+    if only:
+        names = {os.path.basename(s)[len("bench_"):-len(".py")]: s for s in scripts}
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise UsageError(f"--only {' '.join(unknown)}: no such benchmark in {folder} (there: {', '.join(sorted(names))})")
+        scripts = [names[name] for name in sorted(set(only))]
     return folder, scripts
 
 
-def run_scripts(folder, scripts, quick):
-    """Run each script in a fresh process; returns per script its time and the result files it wrote."""
+def run_scripts(folder, scripts, quick, script_args=None):
+    """Run each script in a fresh process (``script_args``: extra arguments by script file name);
+    returns per script its time and the result files it wrote."""
     results_dir = os.path.join(folder, "results")
     runs = []
     for script in scripts:
         before = _mtimes(results_dir)
-        command = [sys.executable, script] + (["--quick"] if quick else [])
+        command = [sys.executable, script] + (["--quick"] if quick else []) + (script_args or {}).get(os.path.basename(script), [])
         print(f"$ {' '.join(command)}", flush=True)
         started = time.perf_counter()
         proc = subprocess.run(command, cwd=os.path.dirname(folder))
@@ -97,8 +109,8 @@ def plot_speedups(result_files, path):
 
 
 def command_bench(args):
-    folder, scripts = find_scripts(args.benchmarks)
-    runs = run_scripts(folder, scripts, args.quick)
+    folder, scripts = find_scripts(args.benchmarks, args.only)
+    runs = run_scripts(folder, scripts, args.quick, {BACKBONES_SCRIPT: ["--backbones", *args.backbones]} if args.backbones else None)
     os.makedirs(args.out, exist_ok=True)
     copied = []
     for run in runs:

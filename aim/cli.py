@@ -2,6 +2,7 @@
 benchmarks. Argument parsing and dispatch only; the work is in aim.train, aim.evaluate,
 aim.explain, aim.report, aim.bench, aim.demo and aim.profiling."""
 import argparse
+import json
 import sys
 
 from aim.backbones import BACKBONE_NAMES
@@ -20,6 +21,17 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def json_object(text):
+    """An argument given as a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object ({{\"name\": value, ...}}), got {text!r}")
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="aim", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -33,11 +45,16 @@ def build_parser():
     train.add_argument("--segmentations", metavar="DIR", help="foreground masks: val pointing game per epoch")
     train.add_argument("--model", choices=("aim", "baseline"), default="aim",
                        help="AIM, or the backbone with a linear classifier on its last stage")
-    train.add_argument("--backbone", choices=BACKBONE_NAMES + (SMALL_BACKBONE,), default="resnet50",
-                       help="torchvision classifier whose stages feed the pathway (small_convnet: for toy data)")
+    train.add_argument("--backbone", default="resnet50", metavar="NAME",
+                       help=f"{', '.join(BACKBONE_NAMES + (SMALL_BACKBONE,))}, or timm:NAME for any timm model with stage "
+                            f"maps (small_convnet: for toy data), e.g. timm:convnext_atto, timm:swin_tiny_patch4_window7_224, timm:vit_tiny_patch16_224 "
+                            f"(pip install .[timm]; default: %(default)s)")
+    train.add_argument("--timm-kwargs", type=json_object, default=None, metavar="JSON",
+                       help='timm.create_model arguments of a timm:NAME backbone, e.g. \'{"drop_path_rate": 0.1}\' '
+                            "(img_size follows --image-size for models bound to one input size)")
     train.add_argument("--weights", default="none", metavar="none|DEFAULT|PATH",
-                       help="backbone weights: none, torchvision's pretrained (DEFAULT, needs network), or a torchvision "
-                            "state dict / `aim train` checkpoint file")
+                       help="backbone weights: none, torchvision's or timm's pretrained (DEFAULT, needs network), or a "
+                            "torchvision or timm state dict / `aim train` checkpoint file")
     train.add_argument("--depth", type=int, default=2, help="top-down stages (AIM[depth, target])")
     train.add_argument("--target", type=float, default=0.25, help="mask-annealing target (fraction of active entries)")
     train.add_argument("--topdown-channels", type=int, default=256, help="width of the top-down pathway")
@@ -131,6 +148,10 @@ def build_parser():
     bench.add_argument("--quick", action="store_true", help="one small shape per benchmark (a smoke run)")
     bench.add_argument("--benchmarks", metavar="DIR", help="the benchmarks folder (default: ./benchmarks)")
     bench.add_argument("--out", default="aim_bench_out", metavar="DIR", help="where the CSV/JSON copies and speedups.png go")
+    bench.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks (NAME: bench_NAME.py, e.g. backbones)")
+    bench.add_argument("--backbones", nargs="+", metavar="NAME",
+                       help="torchvision names or timm:NAME for bench_backbones.py (AIM's added parameters, FLOPs, "
+                            "train-step and inference time against the plain classifier; default: its table's)")
 
     demo = commands.add_parser("demo", help="AIM vs the baseline under a spurious correlation on the embedded benchmark "
                                              "(pretraining, fine-tuning, test table, PNG of masks and GradCAM)")
@@ -170,8 +191,8 @@ def build_parser():
     embedded.add_argument("--test-size", type=int, default=800, help="balanced: a multiple of 4")
     embedded.add_argument("--unseen-size", type=int, default=800, help="the unseen-scene test; balanced: a multiple of 4")
 
-    profile = commands.add_parser("profile", help="parameters and FLOPs AIM adds to a torchvision backbone")
-    profile.add_argument("--backbone", default="convnext_tiny")
+    profile = commands.add_parser("profile", help="parameters and FLOPs AIM adds to a torchvision or timm backbone")
+    profile.add_argument("--backbone", default="convnext_tiny", metavar="NAME", help="a torchvision name or timm:NAME")
     profile.add_argument("--depth", type=int, default=2)
     profile.add_argument("--image-size", type=int, default=224)
     profile.add_argument("--num-classes", type=int, default=2)

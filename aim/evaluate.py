@@ -184,13 +184,15 @@ def unwrap(model):
 
 
 def mask_stage_names(model):
-    """Names of an AIM model's mask stages, finest first ([] for the baseline). Backbones built
-    here return lists of stages, which the model names "0", "1", ... by position."""
+    """Names of an AIM model's mask stages, finest first ([] for the baseline): as the backbone
+    declares them (``stage_names``: a TimmBackbone's, whose ViT pyramid may build only its
+    coarsest levels), else "0", "1", ... by position, as the model names a list of stages."""
     model = unwrap(model)
     if not hasattr(model, "topdown"):
         return []
     count = len(model.topdown.in_channels_list)
-    return [str(i) for i in range(count - model.depth, count)]
+    names = getattr(model.backbone, "stage_names", None) or [str(i) for i in range(count)]
+    return list(names[count - model.depth:])
 
 
 def _finalize(sums, dataset, stages, device, with_gradcam, world_size, group_weights, per_image):

@@ -3,7 +3,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from aim.backbones import as_stage_dict, build_backbone, probe_stage_channels
+from aim.backbones import as_stage_dict, build_backbone, stage_channels_of
 from aim.topdown import INITIAL_MASK_LOGIT, FusedTopDownMask
 
 
@@ -23,17 +23,21 @@ class AIM(nn.Module):
 
     Args:
         backbone: a torchvision name (``aim.backbones.BACKBONE_NAMES``: resnet18/34/50/101/152,
-            convnext_tiny/small/base/large) or any nn.Module returning a list/tuple or dict of
-            NCHW stage maps, finest first.
+            convnext_tiny/small/base/large), ``"timm:NAME"`` for any timm model with stage maps
+            (CNNs, Swin; plain ViTs through a simple feature pyramid; needs ``pip install .[timm]``),
+            or any nn.Module returning a list/tuple or dict of NCHW stage maps, finest first
+            (e.g. ``aim.build_backbone("timm:vit_tiny_patch16_224", image_size=64)``).
         num_classes: number of classes.
         depth: how many of the coarsest stages the top-down pathway runs through.
         target: mask-annealing target fraction of active mask entries.
         out_channels: width of the top-down pathway.
         mask_hidden_channels: width of each mask estimator.
         temperature: Gumbel temperature.
-        weights: passed to torchvision for a backbone given by name (None: random init; any
-            other value makes torchvision download/load the pretrained weights).
-        stage_channels: channels of the backbone's stages; found by a probe forward if None.
+        weights: for a backbone given by name (None: random init; a torchvision name passes any
+            other value to torchvision, a timm name takes "DEFAULT", timm's pretrained=True:
+            both download the pretrained weights).
+        stage_channels: channels of the backbone's stages; if None, as the backbone declares them
+            (a timm backbone's feature_info) or found by a probe forward.
         use_reference: run the plain-PyTorch reference ops instead of the fused ones.
         sparse_eval: in eval mode, skip every feature map: the logits need only global averages,
             which the masks and the stage maps give directly (``FusedTopDownMask.pooled_outputs``,
@@ -60,7 +64,7 @@ class AIM(nn.Module):
                  mask_saliency_prior=False, mask_budget="eval"):
         super().__init__()
         if isinstance(backbone, str):
-            backbone = build_backbone(backbone, weights=weights)
+            backbone = build_backbone(backbone, weights=weights, stages_used=depth)
         elif not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
         elif weights is not None:
@@ -68,7 +72,7 @@ class AIM(nn.Module):
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         self.backbone = backbone
-        channels = list(stage_channels) if stage_channels is not None else probe_stage_channels(backbone)
+        channels = list(stage_channels) if stage_channels is not None else stage_channels_of(backbone)
         self.topdown = FusedTopDownMask(channels, out_channels, depth=depth, temperature=temperature, target=target,
                                         mask_hidden_channels=mask_hidden_channels, use_reference=use_reference,
                                         sparse_eval=sparse_eval, initial_mask_logit=initial_mask_logit,

@@ -1,6 +1,8 @@
-"""Parameters and FLOPs AIM adds over the plain torchvision classifier."""
+"""Parameters and FLOPs AIM adds over the plain classifier (torchvision's or timm's)."""
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from aim.timm_backbones import create_timm_classifier, is_timm_name
 
 
 def count_flops(model, images):
@@ -17,15 +19,26 @@ def count_flops(model, images):
     return counter.get_total_flops()
 
 
-def added_cost(backbone, depth=2, image_size=224, num_classes=2, **aim_kwargs):
-    """Parameters and FLOPs of ``AIM(backbone, ...)`` against the plain torchvision classifier of
-    the same name and number of classes, for one image_size x image_size image."""
+def plain_classifier(name, num_classes, image_size=224):
+    """The classifier a backbone name stands for, randomly initialized: torchvision's, or timm's
+    for ``timm:NAME`` (built for ``image_size`` if bound to one input size)."""
+    if is_timm_name(name):
+        return create_timm_classifier(name.removeprefix("timm:"), image_size=image_size, num_classes=num_classes)
     import torchvision
 
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def added_cost(backbone, depth=2, image_size=224, num_classes=2, **aim_kwargs):
+    """Parameters and FLOPs of ``AIM(backbone, ...)`` against :func:`plain_classifier` of the same
+    name and number of classes, for one image_size x image_size image."""
+    from aim.backbones import build_backbone
     from aim.model import AIM
 
-    model = AIM(backbone, num_classes=num_classes, depth=depth, **aim_kwargs)
-    plain = torchvision.models.get_model(backbone, weights=None, num_classes=num_classes)
+    # image_size: a timm ViT or Swin is built for it
+    model = AIM(build_backbone(backbone, stages_used=depth, image_size=image_size), num_classes=num_classes, depth=depth,
+                **aim_kwargs)
+    plain = plain_classifier(backbone, num_classes, image_size)
     images = torch.randn(1, 3, image_size, image_size)
     aim_params = sum(p.numel() for p in model.parameters())
     plain_params = sum(p.numel() for p in plain.parameters())

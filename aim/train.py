@@ -31,6 +31,7 @@ from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, buil
 from aim.data.transforms import PREPROCESSINGS
 from aim.evaluate import evaluate, group_counts, logits_of, mask_stage_names, selection_metric
 from aim.errors import DataError, UsageError, first_line
+from aim.timm_backbones import is_timm_name
 from aim.topdown import MASK_BUDGETS, POOLINGS
 
 CHECKPOINT_FORMAT = "aim-train-checkpoint-1"
@@ -47,8 +48,9 @@ class TrainConfig:
     data: str = None
     segmentations: str = None
     model: str = "aim"              # "aim" or "baseline"
-    backbone: str = "resnet50"      # a torchvision name (aim.backbones.BACKBONE_NAMES) or "small_convnet"
-    weights: str = "none"           # "none", "DEFAULT" (torchvision's pretrained) or a file
+    backbone: str = "resnet50"      # a torchvision name (aim.backbones.BACKBONE_NAMES), "timm:NAME" or "small_convnet"
+    timm_kwargs: dict = None        # timm.create_model arguments of a timm:NAME backbone (None: none)
+    weights: str = "none"           # "none", "DEFAULT" (torchvision's or timm's pretrained) or a file
     depth: int = 2
     target: float = 0.25
     topdown_channels: int = 256
@@ -87,8 +89,12 @@ class TrainConfig:
     def check(self):
         if self.model not in ("aim", "baseline"):
             raise UsageError(f"--model must be aim or baseline, got {self.model!r}")
-        if self.backbone not in BACKBONE_NAMES + (SMALL_BACKBONE,):
-            raise UsageError(f"--backbone must be one of {', '.join(BACKBONE_NAMES + (SMALL_BACKBONE,))}, got {self.backbone!r}")
+        if self.backbone not in BACKBONE_NAMES + (SMALL_BACKBONE,) and not is_timm_name(self.backbone):
+            raise UsageError(f"--backbone must be timm:NAME or one of {', '.join(BACKBONE_NAMES + (SMALL_BACKBONE,))}, "
+                             f"got {self.backbone!r}")
+        if self.timm_kwargs is not None and not (isinstance(self.timm_kwargs, dict) and is_timm_name(self.backbone)):
+            raise UsageError(f"--timm-kwargs must be a JSON object and the backbone timm:NAME, got {self.timm_kwargs!r} "
+                             f"for {self.backbone}")
         if self.pooling not in POOLINGS:
             raise UsageError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.mask_budget not in MASK_BUDGETS:
@@ -173,23 +179,29 @@ def build_run_backbone(config):
             raise UsageError(f"--weights DEFAULT: torchvision has no pretrained {SMALL_BACKBONE}; use --weights none or PATH")
         backbone = SmallConvNet()
     else:
-        backbone = _torchvision_backbone(config.backbone, config.weights)
+        backbone = _named_backbone(config)
     if config.weights not in ("none", "DEFAULT"):
         load_backbone_weights(backbone, _load_file(config.weights, f"--weights {config.weights}"),
                               f"--weights {config.weights}")
     return backbone
 
 
-def _torchvision_backbone(name, weights):
-    if weights != "DEFAULT":
-        return build_backbone(name)
+def _named_backbone(config):
+    name, weights = config.backbone, None if config.weights != "DEFAULT" else "DEFAULT"
+    source, saved_by = (("timm", f"timm.create_model({name.removeprefix('timm:')!r}, pretrained=True)") if is_timm_name(name)
+                        else ("torchvision", f"torchvision.models.get_model({name!r}, weights='DEFAULT')"))
     try:
-        return build_backbone(name, weights="DEFAULT")
-    except (OSError, RuntimeError) as error:  # URLError is an OSError
-        raise UsageError(f"--weights DEFAULT: could not download torchvision's pretrained {name} weights "
+        return build_backbone(name, weights=weights, stages_used=config.depth if config.model == "aim" else 1,
+                              image_size=config.image_size, **(config.timm_kwargs or {}))
+    except TypeError as error:  # create_model's arguments
+        raise UsageError(f"--timm-kwargs {json.dumps(config.timm_kwargs)}: {error}") from None
+    except (OSError, RuntimeError) as error:  # URLError and the hub's LocalEntryNotFoundError are OSErrors
+        if weights is None:
+            raise
+        raise UsageError(f"--weights DEFAULT: could not download {source}'s pretrained {name} weights "
                          f"({first_line(error)}); offline, download them on a "
-                         f"machine with network (torchvision.models.get_model({name!r}, weights='DEFAULT').state_dict(), "
-                         f"torch.save) and pass --weights PATH, or train from scratch with --weights none") from None
+                         f"machine with network ({saved_by}.state_dict(), torch.save) and pass --weights PATH, or train from "
+                         f"scratch with --weights none") from None
 
 
 def _load_file(path, given_as):
