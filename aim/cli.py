@@ -48,7 +48,7 @@ def build_parser():
     train.add_argument("--backbone", default="resnet50", metavar="NAME",
                        help=f"{', '.join(BACKBONE_NAMES + (SMALL_BACKBONE,))}, or timm:NAME for any timm model with stage "
                             f"maps (small_convnet: for toy data), e.g. timm:convnext_atto, timm:swin_tiny_patch4_window7_224, timm:vit_tiny_patch16_224 "
-                            f"(pip install .[timm]; default: %(default)s)")
+                            f"(pip install .[timm])")
     train.add_argument("--timm-kwargs", type=json_object, default=None, metavar="JSON",
                        help='timm.create_model arguments of a timm:NAME backbone, e.g. \'{"drop_path_rate": 0.1}\' '
                             "(img_size follows --image-size for models bound to one input size)")

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 import aim
 from aim import metrics
 from aim.data import SeededSampler
-from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights, probe_stage_channels
+from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights, stage_channels_of
 from aim.data.transforms import PREPROCESSINGS
 from aim.evaluate import evaluate, group_counts, logits_of, mask_stage_names, selection_metric
 from aim.errors import DataError, UsageError, first_line
@@ -597,7 +597,7 @@ def command_train(args):
     config.check()
     # A download that cannot happen, a weights file that does not fit or a --depth beyond the
     # backbone's stages fails now, before the data is read.
-    stages = len(probe_stage_channels(build_run_backbone(config)))
+    stages = len(stage_channels_of(build_run_backbone(config)))
     if config.model == "aim" and config.depth > stages:
         raise UsageError(f"--depth {config.depth}: the {config.backbone} backbone has {stages} stages; use --depth 1..{stages}")
     threads = max(1, config.workers)
