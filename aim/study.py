@@ -36,6 +36,8 @@ class PretrainSettings:
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
+    backbone: str = SMALL_BACKBONE  # or any aim train --backbone, e.g. timm:vit_tiny_patch16_224
+    timm_kwargs: dict = None        # timm.create_model arguments of a timm:NAME backbone
 
 
 @dataclasses.dataclass
@@ -62,9 +64,12 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
     whether it was trained now, the pretraining val accuracy)."""
     from aim.data.embedded import make_pretraining_split
 
-    key = hashlib.sha256(json.dumps({"version": PRETRAIN_VERSION, **dataclasses.asdict(settings)}, sort_keys=True).encode()).hexdigest()[:16]
+    recorded = dataclasses.asdict(settings)
+    if settings.backbone == SMALL_BACKBONE and settings.timm_kwargs is None:  # the key of caches made before these fields existed
+        del recorded["backbone"], recorded["timm_kwargs"]
+    key = hashlib.sha256(json.dumps({"version": PRETRAIN_VERSION, **recorded}, sort_keys=True).encode()).hexdigest()[:16]
     folder = os.path.join(cache if cache is not None else cache_dir(), "pretrained")
-    path = os.path.join(folder, f"small_convnet_{key}.pt")
+    path = os.path.join(folder, f"{settings.backbone.replace(':', '_')}_{key}.pt")
     if os.path.isfile(path):
         checkpoint = load_checkpoint(path)
         return path, False, checkpoint["val"]["accuracy"]
@@ -73,10 +78,10 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
     os.makedirs(folder, exist_ok=True)
     run = os.path.join(folder, f"run_{key}_{os.getpid()}")
     shutil.rmtree(run, ignore_errors=True)
-    config = TrainConfig(out=run, model="baseline", backbone=SMALL_BACKBONE, epochs=settings.epochs,
+    config = TrainConfig(out=run, model="baseline", backbone=settings.backbone, timm_kwargs=settings.timm_kwargs, epochs=settings.epochs,
                          anneal_epochs=0, batch_size=settings.batch_size, lr=settings.lr,
                          image_size=settings.image_size, preprocessing="raw", workers=0, seed=settings.seed, threads=threads)
-    log(f"pretraining SmallConvNet on {len(train)} unbiased images ({len(train.class_names)} shapes on "
+    log(f"pretraining {settings.backbone} on {len(train)} unbiased images ({len(train.class_names)} shapes on "
         f"{len(train.background_names)} texture families), {settings.epochs} epochs; cached as {path}")
     fit(config, train.as_dataset(), val.as_dataset(), log=log)
     os.replace(os.path.join(run, "best.pt"), path)  # atomic: a second run finds it complete or not at all

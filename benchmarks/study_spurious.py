@@ -84,7 +84,9 @@ def flat_metrics(row):
 
 
 def run_embedded(args, overrides, log):
-    pretrain = study.PretrainSettings(image_size=args.image_size, seed=0)
+    # A backbone set for fine-tuning (--set backbone=timm:... [--set timm_kwargs=...]) is pretrained the same way.
+    pretrain = study.PretrainSettings(image_size=args.image_size, seed=0, backbone=overrides.get("backbone", study.SMALL_BACKBONE),
+                                      timm_kwargs=overrides.get("timm_kwargs"), lr=args.pretrain_lr)
     weights, trained, pretrain_acc = study.pretrained_backbone(pretrain, threads=args.threads, log=log)
     log(f"pretrained backbone: {weights} ({'trained now' if trained else 'from the cache'}), "
         f"val accuracy {pretrain_acc:.3f} over {len(PRETRAIN_SHAPES)} shapes")
@@ -221,6 +223,8 @@ def main(argv=None):
     parser.add_argument("--area-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="object area / image area of the embedded task (default: aim.data.embedded.AREA_RANGE)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pretrain-lr", type=float, default=study.PretrainSettings.lr,
+                        help="learning rate of the backbone's pretraining (a ViT from scratch needs less than the CNN's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning setting (a TrainConfig field; defaults: aim.study.FINETUNE_DEFAULTS)")
     parser.add_argument("--experiment", help="record this run as one experiment of the study (appended to the experiments file)")
     parser.add_argument("--data", metavar="DIR", help="a WaterBirds-layout folder instead of the embedded benchmark")

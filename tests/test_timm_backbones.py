@@ -7,6 +7,7 @@ missing, pretrained weights offline, and `aim train` / `aim eval` end to end.
 Models are timm's own architectures, shrunk through timm.create_model's arguments (one block
 per stage, narrow), random weights, 64x64 inputs (32x32 for `aim train`'s tiny dataset)."""
 import json
+import os
 import sys
 
 import pytest
@@ -294,3 +295,16 @@ def test_bench_passes_backbones_to_the_backbones_benchmark_only(tmp_path, capsys
     assert [p.name for p in (tmp_path / "only").iterdir() if p.suffix == ".json" and p.name != "runs.json"] == ["other.json"]
     assert main(["bench", "--benchmarks", str(folder), "--out", str(out), "--only", "nothing"]) == 2
     assert "--only nothing: no such benchmark" in capsys.readouterr().err
+
+
+def test_the_study_pretrains_a_timm_backbone_under_its_own_cache_key(tmp_path):
+    """benchmarks/study_spurious.py --set backbone=timm:... pretrains that backbone, not SmallConvNet."""
+    from aim import study
+
+    settings = study.PretrainSettings(image_size=SIZE, train_size=16, val_size=8, epochs=1, batch_size=8,
+                                      backbone=VIT, timm_kwargs=TINY_KWARGS[VIT])
+    path, trained, _ = study.pretrained_backbone(settings, log=lambda *a: None, cache=str(tmp_path))
+    assert trained and os.path.basename(path).startswith("timm_vit_tiny_patch16_224_")
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["config"]["backbone"] == VIT and checkpoint["config"]["timm_kwargs"] == TINY_KWARGS[VIT]
+    assert study.pretrained_backbone(settings, log=lambda *a: None, cache=str(tmp_path))[:2] == (path, False)  # cached
