@@ -111,8 +111,8 @@ class TrainConfig:
             raise UsageError(f"--depth must be >= 1 (top-down stages), got {self.depth}")
         for name in ("lr", "backbone_lr"):
             value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+            if value is not None and not (math.isfinite(value) and value >= 0):  # 0: those weights stay as they are
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         if self.weight_decay < 0:
             raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         check_device(self.device)

@@ -40,7 +40,7 @@ def train(waterbirds, run, *flags):
     (["--depth", "0"], "--depth"),
     (["--lr", "-1"], "--lr"),
     (["--lr", "nan"], "--lr"),
-    (["--backbone-lr", "0"], "--backbone-lr"),
+    (["--backbone-lr", "-0.5"], "--backbone-lr"),
     (["--device", "tpu"], "--device"),
     (["--batch-size", "64"], "--batch-size 32 or less"),
 ])

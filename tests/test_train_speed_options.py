@@ -68,6 +68,9 @@ def test_compile_captures_the_whole_model_without_graph_breaks(waterbirds, tmp_p
     its own random numbers (the Gumbel seeds), so its run differs from eager's like another seed."""
     from torch._dynamo.utils import counters
 
+    # Earlier tests compiled AIM's forward for other models: a fresh dynamo state, or its recompile
+    # limit per frame would leave this run in eager mode.
+    torch._dynamo.reset()
     counters.clear()
     checkpoint = _train(waterbirds, tmp_path, "--compile", "--compile-backend", "aot_eager")
     assert counters["stats"]["unique_graphs"] >= 2  # training and eval-mode graphs
