@@ -32,7 +32,7 @@ from aim.backbones import build_backbone  # noqa: E402
 from aim.profiling import plain_classifier  # noqa: E402
 
 CASES = (("resnet18", 160), ("convnext_tiny", 224))
-SETTINGS = dict(batch=8, depth=2, num_classes=2, rounds=5, profiled_steps=2)
+SETTINGS = dict(batch=8, depth=2, num_classes=2, rounds=7, profiled_steps=2)
 QUICK = dict(SETTINGS, batch=2, rounds=2, profiled_steps=1, image_size=64)
 SCOPE = "aim_profile::"
 FUSED_PREFIX = "aim_kernels::"  # the torch.library namespace of the fused ops
