@@ -4,29 +4,20 @@
   binary masks (fused ops, or the plain-PyTorch reference with ``use_reference=True``)
 - :class:`AIM`: backbone + top-down masking pathway + per-stage classifiers
 - :class:`AIMLoss`, :class:`MaskAnnealing`: the training objective and tau schedule
-- :func:`load`: a model that ``aim train`` trained, from its run folder or a checkpoint file
+- :func:`load_checkpoint`: a model that ``aim train`` trained and its metadata
+- :mod:`aim.data`: the data sets (``aim.data.open_split``), :mod:`aim.analysis`: the decision audit
+
+The layout: ``aim.nn`` (the modules), ``aim.analysis``, ``aim.data``, ``aim.config``,
+``aim.checkpoint`` and ``aim.distributed`` form the library; ``aim.app`` is the `aim` command.
 """
-import os
-
-from aim.backbones import BACKBONE_NAMES, SmallConvNet, build_backbone
-from aim.loss import AIMLoss, AIMLossParts, MaskAnnealing
-from aim.model import AIM, AIMOutput
-from aim.topdown import FusedTopDownMask, MaskEstimator, TopDownResult
-
-
-
-def load(path, device="cpu"):
-    """The model (AIM or baseline) of a checkpoint written by ``aim train`` or ``aim demo``, in
-    eval mode on ``device``. ``path``: a checkpoint file (best.pt, last.pt) or a run folder (its
-    best.pt). A missing file or a file of another kind is an ``aim.errors.UsageError`` naming it."""
-    from aim.train import load_checkpoint, model_from_checkpoint  # the application layer, loaded on use
-
-    if os.path.isdir(path):
-        path = os.path.join(path, "best.pt")
-    return model_from_checkpoint(load_checkpoint(path), device)
-
+from aim import data
+from aim.checkpoint import CheckpointInfo, load_checkpoint
+from aim.nn.backbones import BACKBONE_NAMES, SmallConvNet, build_backbone
+from aim.nn.loss import AIMLoss, AIMLossParts, MaskAnnealing
+from aim.nn.model import AIM, AIMOutput
+from aim.nn.topdown import FusedTopDownMask, MaskEstimator, TopDownResult
 
 __all__ = [
     "AIM", "AIMOutput", "AIMLoss", "AIMLossParts", "MaskAnnealing", "FusedTopDownMask", "MaskEstimator",
-    "TopDownResult", "SmallConvNet", "build_backbone", "BACKBONE_NAMES", "load",
+    "TopDownResult", "SmallConvNet", "build_backbone", "BACKBONE_NAMES", "load_checkpoint", "CheckpointInfo", "data",
 ]

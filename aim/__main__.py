@@ -1,5 +1,5 @@
 import sys
 
-from aim.cli import main
+from aim.app.cli import main
 
 sys.exit(main())

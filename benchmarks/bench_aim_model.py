@@ -21,7 +21,7 @@ import common  # noqa: E402
 
 import aim  # noqa: E402
 import aim_kernels  # noqa: E402
-from aim.topdown import reference_gumbel_binarize  # noqa: E402
+from aim.nn.topdown import reference_gumbel_binarize  # noqa: E402
 from aim_kernels import reference as reference_ops  # noqa: E402
 
 # Top-down pathway alone: ResNet-18 stage maps of a batch of 8 at 224x224 (56, 28, 14, 7),

@@ -28,8 +28,8 @@ import common  # noqa: E402
 
 import aim  # noqa: E402
 import aim_kernels  # noqa: E402
-from aim.backbones import as_stage_dict  # noqa: E402
-from aim.topdown import _pooled_lateral  # noqa: E402
+from aim.nn.backbones import as_stage_dict  # noqa: E402
+from aim.nn.topdown import _pooled_lateral  # noqa: E402
 
 TARGET = 0.25
 

@@ -1,5 +1,5 @@
 """What AIM adds to each backbone, torchvision's and timm's, CNNs and transformers: parameters
-and FLOPs at 224x224 (aim.profiling.added_cost, as `aim profile` prints them), and the time of
+and FLOPs at 224x224 (aim.app.profiling.added_cost, as `aim profile` prints them), and the time of
 a training step and of inference of AIM[2] against the plain classifier, on this machine.
 
     python benchmarks/bench_backbones.py [--quick] [--backbones NAME ...] [--threads 1]
@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import aim  # noqa: E402
-from aim.backbones import build_backbone  # noqa: E402
-from aim.profiling import added_cost, plain_classifier  # noqa: E402
+from aim.nn.backbones import build_backbone  # noqa: E402
+from aim.app.profiling import added_cost, plain_classifier  # noqa: E402
 
 BACKBONES = ("resnet18", "resnet50", "convnext_tiny", "timm:resnet18", "timm:convnext_atto",
              "timm:swin_tiny_patch4_window7_224", "timm:vit_tiny_patch16_224")

@@ -1,13 +1,13 @@
-"""Training throughput of `aim train`'s loop (aim.train.fit) against a minimal hand-written loop
+"""Training throughput of `aim train`'s loop (aim.app.train.fit) against a minimal hand-written loop
 over the same model and data, the data loader alone, and the glibc malloc setting that
-`aim train` could apply at start-up (aim.train.keep_freed_memory).
+`aim train` could apply at start-up (aim.app.train.keep_freed_memory).
 
     python benchmarks/bench_train_loop.py [--quick] [--threads 1]
 
 Data: the embedded generator written in the WaterBirds layout (JPEG, 64x64), read through
 aim.data like any dataset. Model: AIM[2, 0.25] on the 4-stage SmallConvNet (the demo's model),
 batch 32, one torch thread. Per process, in interleaved rounds:
-- fit: aim.train.fit (DataLoader with --workers 0 and 1, transforms, per-sample seeding,
+- fit: aim.app.train.fit (DataLoader with --workers 0 and 1, transforms, per-sample seeding,
   checkpoints) -- images/s of its training epochs after the first (the log's
   train_images_per_s: the training part of the epoch, without the val pass);
 - minimal: the same model, optimizer and loss over images decoded and transformed once and
@@ -65,7 +65,9 @@ def child(root, quick, allocator, threads):
         assert keep_freed_memory()
     import aim
     from aim.data import SeededSampler, make_toy_split, open_split
-    from aim.train import SMALL_BACKBONE, TrainConfig, build_model, fit, make_optimizer
+    from aim.config import SMALL_BACKBONE, TrainConfig
+    from aim.checkpoint import build_model
+    from aim.app.train import fit, make_optimizer
 
     torch.set_num_threads(threads)
     s = settings(quick)

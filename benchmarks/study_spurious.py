@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from aim import study
+from aim.app import study
 from aim.data.embedded import FINETUNE_CLASSES, PRETRAIN_SHAPES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +42,7 @@ def parse_overrides(items):
     """--set key=value pairs (values as Python literals) for the fine-tuning recipe."""
     import dataclasses
 
-    from aim.train import TrainConfig
+    from aim.config import TrainConfig
 
     known = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("out", "model", "weights", "seed", "threads")]
     overrides = {}
@@ -111,8 +111,10 @@ def run_embedded(args, overrides, log):
 
 def run_folder(args, overrides, log):
     from aim.data import open_split
-    from aim.evaluate import evaluate
-    from aim.train import TrainConfig, fit, load_checkpoint, model_from_checkpoint
+    from aim.app.evaluate import evaluate
+    from aim.config import TrainConfig
+    from aim.app.train import fit
+    from aim.checkpoint import read_checkpoint, model_from_checkpoint
 
     # A folder of photographs goes through the ImageNet pipeline unless --set preprocessing=raw.
     settings = {**study.FINETUNE_DEFAULTS, "preprocessing": "imagenet", **overrides, "backbone": args.backbone}
@@ -129,7 +131,7 @@ def run_folder(args, overrides, log):
                                      threads=args.threads, data=args.data, segmentations=args.segmentations, **settings)
                 started = time.perf_counter()
                 fit(config, train, val, log=lambda *a: None)
-                checkpoint = load_checkpoint(os.path.join(out, "best.pt"))
+                checkpoint = read_checkpoint(os.path.join(out, "best.pt"))
                 result = evaluate(model_from_checkpoint(checkpoint), test, batch_size=settings["batch_size"],
                                   group_weights=checkpoint["train_group_counts"])
                 record = {"kind": kind, "settings": study.recorded_settings(config), "seed": seed, "best_epoch": checkpoint["epoch"],
@@ -225,7 +227,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pretrain-lr", type=float, default=study.PretrainSettings.lr,
                         help="learning rate of the backbone's pretraining (a ViT from scratch needs less than the CNN's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning setting (a TrainConfig field; defaults: aim.study.FINETUNE_DEFAULTS)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning setting (a TrainConfig field; defaults: aim.app.study.FINETUNE_DEFAULTS)")
     parser.add_argument("--experiment", help="record this run as one experiment of the study (appended to the experiments file)")
     parser.add_argument("--data", metavar="DIR", help="a WaterBirds-layout folder instead of the embedded benchmark")
     parser.add_argument("--segmentations", metavar="DIR", help="foreground masks of --data (for EPG)")

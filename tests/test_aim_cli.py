@@ -1,12 +1,12 @@
-"""aim.data, aim.metrics and the `aim` command line."""
+"""aim.data, aim.analysis.metrics and the `aim` command line."""
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from aim import metrics
-from aim.cli import main
+from aim.analysis import metrics
+from aim.app.cli import main
 from aim.data import make_toy_split
 from test_aim_topdown import single_thread  # noqa: F401  (fixture)
 
@@ -57,7 +57,7 @@ def test_module_entry_point_profile():
 
 
 def test_user_errors_print_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
-    import aim.profiling
+    import aim.app.profiling
     from aim.errors import UsageError
 
     def fails_with(error):
@@ -65,10 +65,10 @@ def test_user_errors_print_one_line_and_bugs_keep_their_traceback(monkeypatch, c
             raise error
         return command
 
-    monkeypatch.setattr(aim.profiling, "command_profile", fails_with(UsageError("--backbone nope: unknown")))
+    monkeypatch.setattr(aim.app.profiling, "command_profile", fails_with(UsageError("--backbone nope: unknown")))
     assert main(["profile"]) == 2
     assert capsys.readouterr().err == "aim profile: error: --backbone nope: unknown\n"
     # A ValueError that is not a UsageError is a bug: it propagates, traceback and all.
-    monkeypatch.setattr(aim.profiling, "command_profile", fails_with(ValueError("not enough values to unpack")))
+    monkeypatch.setattr(aim.app.profiling, "command_profile", fails_with(ValueError("not enough values to unpack")))
     with pytest.raises(ValueError, match="not enough values"):
         main(["profile"])

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import aim
-from aim.backbones import SmallConvNet, build_backbone
+from aim.nn.backbones import SmallConvNet, build_backbone
 from aim.data import batches, make_toy_split
-from aim.metrics import mask_active_fraction
-from aim.profiling import added_cost
+from aim.analysis.metrics import mask_active_fraction
+from aim.app.profiling import added_cost
 from test_aim_topdown import assert_gradients_close, single_thread  # noqa: F401  (fixture)
 
 

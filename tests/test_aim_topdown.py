@@ -7,7 +7,7 @@ import torch
 from torchvision.ops import FeaturePyramidNetwork
 
 import aim
-from aim.topdown import MaskEstimator
+from aim.nn.topdown import MaskEstimator
 
 CHANNELS = [8, 12, 16, 24]
 # Odd sizes on purpose: the top-down upsampling is not an exact x2 between these stages.

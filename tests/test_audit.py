@@ -1,4 +1,4 @@
-"""The mask-area leak report and the exact decision audit (aim.audit, issue 16), and AIM's
+"""The mask-area leak report and the exact decision audit (aim.analysis.audit, issue 16), and AIM's
 "active" pooling they motivate."""
 import itertools
 
@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import aim
-from aim import audit
-from aim.backbones import BaselineClassifier, SmallConvNet
+from aim.analysis import audit
+from aim.nn.backbones import BaselineClassifier, SmallConvNet
 from aim.data.common import TensorDataset
-from aim.evaluate import evaluate, format_table
+from aim.app.evaluate import evaluate, format_table
 
 # float64 models: the audit's identity is then checked to float64 rounding over a sum of a few
 # hundred terms of size ~1, far below this.
@@ -131,7 +131,7 @@ def images(n=4, size=37):  # odd size: the nearest upsampling footprints are une
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("pooling", aim.topdown.POOLINGS)
+@pytest.mark.parametrize("pooling", aim.nn.topdown.POOLINGS)
 @pytest.mark.parametrize("context", [False, True])
 def test_aim_decision_is_exactly_the_sum_of_its_contributions_and_the_bias(pooling, context):
     model, x = aim_model(pooling, context), images()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aim.cli import build_parser, main
+from aim.app.cli import build_parser, main
 from tiny_datasets import make_waterbirds, write_metadata
 
 TINY = ["--backbone", "small_convnet", "--topdown-channels", "16", "--mask-channels", "8", "--image-size", "32",

@@ -17,8 +17,9 @@ import sys
 import pytest
 import torch
 
-from aim.cli import main
-from aim.train import TrainConfig, build_model
+from aim.app.cli import main
+from aim.config import TrainConfig
+from aim.checkpoint import build_model
 from test_train import TINY, read_log, wait_for_first_checkpoint
 from tiny_datasets import make_waterbirds
 

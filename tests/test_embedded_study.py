@@ -1,4 +1,4 @@
-"""The embedded spurious-correlation benchmark (aim.data.embedded), the protocol (aim.study) and
+"""The embedded spurious-correlation benchmark (aim.data.embedded), the protocol (aim.app.study) and
 ``aim demo`` on tiny sizes."""
 import json
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from aim.cli import main
+from aim.app.cli import main
 from aim.data.embedded import (AREA_RANGE, FINETUNE_CLASSES, HARDER_CLASSES, PRETRAIN_SHAPES, SCENES, SMALL_AREA_RANGE,
                                TEXTURES, UNSEEN_SCENES, colour_histograms, linear_probe_accuracy, make_pretraining_split,
                                make_spurious_split, make_unseen_scene_split)
@@ -160,7 +160,7 @@ def test_demo_runs_the_protocol_and_caches_the_pretrained_backbone(tmp_path, mon
 
 def test_study_options_of_the_model_loss_and_schedule():
     import aim
-    from aim.backbones import SmallConvNet
+    from aim.nn.backbones import SmallConvNet
 
     torch.manual_seed(0)
     images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
@@ -193,7 +193,7 @@ def test_study_options_of_the_model_loss_and_schedule():
     assert [schedule(e) for e in range(6)] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
     with pytest.raises(ValueError, match="warmup_epochs"):
         aim.MaskAnnealing(0.25, 3, warmup_epochs=-1)
-    from aim.train import TrainConfig
+    from aim.config import TrainConfig
 
     with pytest.raises(ValueError, match="select-annealed"):
         TrainConfig(select_annealed=True, epochs=4, anneal_epochs=3, warmup_epochs=1).check()

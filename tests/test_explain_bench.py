@@ -6,9 +6,9 @@ import textwrap
 import pytest
 import torch
 
-from aim.cli import main
-from aim.explain import explain_image
-from aim.train import load_checkpoint, model_from_checkpoint
+from aim.app.cli import main
+from aim.app.explain import explain_image
+from aim.checkpoint import read_checkpoint, model_from_checkpoint
 from test_train import TINY
 from tiny_datasets import make_waterbirds
 
@@ -41,7 +41,7 @@ def test_explain_writes_one_png_per_image(trained, tmp_path, capsys, kind):
 
 def test_explanation_maps_match_the_model(trained):
     root, rows, runs = trained
-    checkpoint = load_checkpoint(str(runs["aim"] / "best.pt"))
+    checkpoint = read_checkpoint(str(runs["aim"] / "best.pt"))
     model = model_from_checkpoint(checkpoint)
     image = torch.randn(3, 32, 32)
     explanation = explain_image(model, image, checkpoint["class_names"])

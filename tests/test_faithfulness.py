@@ -1,12 +1,12 @@
-"""Explanation-quality metrics of `aim report` (aim.faithfulness): deletion / insertion curves on
+"""Explanation-quality metrics of `aim report` (aim.analysis.faithfulness): deletion / insertion curves on
 a model whose evidence is known, tie breaking, the grids of the grid pointing game and its score,
 and the audit of a chosen target class it uses."""
 import pytest
 import torch
 from torch import nn
 
-from aim import audit, faithfulness
-from aim.backbones import BaselineClassifier, SmallConvNet
+from aim.analysis import audit, faithfulness
+from aim.nn.backbones import BaselineClassifier, SmallConvNet
 
 IDENTITY_ATOL = 1e-10  # float64 model: the audit's identity holds to rounding (tests/test_audit.py)
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import aim
-from aim.backbones import SmallConvNet
-from aim.loss import per_image_mask_loss
-from aim.train import TrainConfig, build_model
+from aim.nn.backbones import SmallConvNet
+from aim.nn.loss import per_image_mask_loss
+from aim.config import TrainConfig
+from aim.checkpoint import build_model
 from aim_kernels import mask_loss
 
 STAGE_CHANNELS = [4, 6, 8]
@@ -93,7 +94,7 @@ def test_train_config_plumbs_the_topdown_context():
 
 
 def test_saliency_is_each_images_standardized_log_energy():
-    from aim.topdown import saliency
+    from aim.nn.topdown import saliency
 
     torch.manual_seed(0)
     stage = torch.randn(3, 6, 5, 7, requires_grad=True)
@@ -110,7 +111,7 @@ def test_saliency_is_each_images_standardized_log_energy():
 def test_saliency_prior_keeps_the_most_energetic_positions_first(context):
     """With the learned parts of the estimators zeroed, B_l = [b + w z(S_l) > 0]: lowering the
     bias b (as the mask loss does) drops the weakest positions of S_l first."""
-    from aim.topdown import SALIENCY_WEIGHT, saliency
+    from aim.nn.topdown import SALIENCY_WEIGHT, saliency
 
     torch.manual_seed(0)
     x = stages()
@@ -162,7 +163,7 @@ def test_fixed_budget_eval_masks_are_exactly_each_images_top_logits(fraction, bu
 
 def test_fixed_budget_keeps_its_count_on_constant_input():
     """Ties (a plain background gives equal logits): still exactly k positions, the first ones."""
-    from aim.topdown import top_fraction_mask
+    from aim.nn.topdown import top_fraction_mask
 
     mask = top_fraction_mask(torch.zeros(3, 1, 4, 5), torch.tensor(0.25))
     assert mask.flatten(1).sum(1).tolist() == [5.0] * 3

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import aim
-from aim.backbones import SmallConvNet, as_stage_dict
-from aim.topdown import _footprint_counts
+from aim.nn.backbones import SmallConvNet, as_stage_dict
+from aim.nn.topdown import _footprint_counts
 from merge_checks import UNIT_ROUNDOFF
 from test_aim_topdown import CHANNELS, near_threshold, single_thread, stage_maps  # noqa: F401  (fixture)
 

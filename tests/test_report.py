@@ -15,8 +15,8 @@ import tempfile
 import pytest
 import torch
 
-from aim.cli import main
-from aim.evaluate import format_number
+from aim.app.cli import main
+from aim.app.evaluate import format_number
 from test_train import TINY
 from tiny_datasets import make_waterbirds, write_metadata
 

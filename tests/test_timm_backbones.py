@@ -16,9 +16,9 @@ import torch
 import torchvision
 
 import aim
-from aim.backbones import build_backbone, load_backbone_weights
-from aim.cli import main
-from aim.timm_backbones import SimpleFeaturePyramid, TimmBackbone
+from aim.nn.backbones import build_backbone, load_backbone_weights
+from aim.app.cli import main
+from aim.nn.timm_backbones import SimpleFeaturePyramid, TimmBackbone
 from test_train import TINY, read_log
 from tiny_datasets import make_waterbirds
 
@@ -158,7 +158,7 @@ def test_timm_classifier_state_dict_loads_and_new_layers_stay(name):
 
 def test_baseline_checkpoint_of_a_vit_starts_a_deeper_aim():
     """The baseline's pyramid builds one level (no weights); AIM[3]'s finer level is new."""
-    baseline = aim.backbones.BaselineClassifier(build_backbone(VIT, stages_used=1, image_size=SIZE, **TINY_KWARGS[VIT]), 2)
+    baseline = aim.nn.backbones.BaselineClassifier(build_backbone(VIT, stages_used=1, image_size=SIZE, **TINY_KWARGS[VIT]), 2)
     checkpoint = {"config": {}, "model": baseline.state_dict()}
     backbone = build_backbone(VIT, stages_used=3, image_size=SIZE, **TINY_KWARGS[VIT])
     load_backbone_weights(backbone, checkpoint, "best.pt")
@@ -299,7 +299,7 @@ def test_bench_passes_backbones_to_the_backbones_benchmark_only(tmp_path, capsys
 
 def test_the_study_pretrains_a_timm_backbone_under_its_own_cache_key(tmp_path):
     """benchmarks/study_spurious.py --set backbone=timm:... pretrains that backbone, not SmallConvNet."""
-    from aim import study
+    from aim.app import study
 
     settings = study.PretrainSettings(image_size=SIZE, train_size=16, val_size=8, epochs=1, batch_size=8,
                                       backbone=VIT, timm_kwargs=TINY_KWARGS[VIT])

@@ -3,7 +3,7 @@ selection on val, bad data, weights, exact resume after SIGKILL, 2-process DDP, 
 channels_last and torch.compile.
 
 Runs are tiny (32x32 images, 32 training images, the SmallConvNet backbone, 1-3 epochs). Most
-run in this process through ``aim.cli.main``; those that must be separate processes (SIGKILL,
+run in this process through ``aim.app.cli.main``; those that must be separate processes (SIGKILL,
 torchrun, the no-traceback check) run ``python -m aim`` from a temporary folder, so they use
 the installed package (or PYTHONPATH during development), not the source tree by accident.
 """
@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from aim.cli import main
+from aim.app.cli import main
 from tiny_datasets import make_folders, make_waterbirds, write_metadata
 
 TINY = ["--backbone", "small_convnet", "--topdown-channels", "16", "--mask-channels", "8", "--image-size", "32",
@@ -301,7 +301,8 @@ def test_progress_bar_on_a_terminal_only(waterbirds, tmp_path, capsys):
 
 
 def test_backbone_frozen_epochs_leave_the_backbone_weights_and_train_the_rest(waterbirds, tmp_path):
-    from aim.train import TrainConfig, build_model
+    from aim.config import TrainConfig
+    from aim.checkpoint import build_model
 
     root, _ = waterbirds
     runs = {}

@@ -3,8 +3,8 @@ says, and (where the arithmetic is the same) ends where the default run ends."""
 import pytest
 import torch
 
-import aim.train
-from aim.cli import main
+import aim.app.train
+from aim.app.cli import main
 from test_train import TINY, read_log
 from tiny_datasets import make_waterbirds
 
@@ -30,7 +30,7 @@ def _train(waterbirds, run, *extra):
 
 def test_bf16_autocast_runs_the_model_in_bfloat16(waterbirds, tmp_path, monkeypatch):
     dtypes = set()
-    build = aim.train.build_model
+    build = aim.checkpoint.build_model
 
     def recording_build(config, num_classes):
         model = build(config, num_classes)
@@ -38,7 +38,7 @@ def test_bf16_autocast_runs_the_model_in_bfloat16(waterbirds, tmp_path, monkeypa
         model.topdown.register_forward_hook(lambda module, args, out: dtypes.add(next(iter(out.values())).dtype))
         return model
 
-    monkeypatch.setattr(aim.train, "build_model", recording_build)
+    monkeypatch.setattr(aim.app.train, "build_model", recording_build)
     checkpoint = _train(waterbirds, tmp_path, "--amp", "bf16")
     assert dtypes == {torch.bfloat16}  # stage maps and the fused top-down output, in training and val
     assert all(v.dtype == torch.float32 for k, v in checkpoint["model"].items() if v.is_floating_point())  # master weights

@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 import aim
-from aim.backbones import build_backbone, load_backbone_weights
-from aim.cli import main
+from aim.nn.backbones import build_backbone, load_backbone_weights
+from aim.app.cli import main
 from test_train import TINY, read_log
 from tiny_datasets import make_waterbirds
 

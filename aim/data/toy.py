@@ -35,7 +35,7 @@ class ToySplit(NamedTuple):
     def as_dataset(self):
         """The split for the training loop and evaluation, object boxes as foregrounds."""
         from aim.data.common import TensorDataset
-        from aim.metrics import boxes_to_foreground
+        from aim.analysis.metrics import boxes_to_foreground
 
         group_names = [f"{c}/{b}" for c in CLASS_NAMES for b in BACKGROUND_NAMES]
         foregrounds = boxes_to_foreground(self.boxes, tuple(self.images.shape[-2:])).unsqueeze(1)
@@ -119,7 +119,7 @@ def save_waterbirds_layout(root, splits, image_format="jpg", class_names=CLASS_N
     from PIL import Image
 
     from aim.data.waterbirds import SPLITS
-    from aim.metrics import boxes_to_foreground
+    from aim.analysis.metrics import boxes_to_foreground
 
     rows = []
     for split, data in splits.items():

@@ -1,5 +1,5 @@
 """The spurious-correlation protocol on the embedded benchmark (``aim demo`` and
-``benchmarks/study_spurious.py``), every step through ``aim.train.fit`` and ``aim.evaluate``:
+``benchmarks/study_spurious.py``), every step through ``aim.app.train.fit`` and ``aim.app.evaluate``:
 
 1. pretrain a SmallConvNet backbone on the unbiased set (:func:`pretrained_backbone`, cached
    on disk under ``$XDG_CACHE_HOME/aim-kernels`` or ``~/.cache/aim-kernels``);
@@ -21,7 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from aim.train import SMALL_BACKBONE, TrainConfig, fit, load_checkpoint, model_from_checkpoint
+from aim.config import SMALL_BACKBONE, TrainConfig
+from aim.app.train import fit
+from aim.checkpoint import read_checkpoint, model_from_checkpoint
 
 # Bump when the generator or the pretraining recipe changes: cached backbones are then retrained.
 PRETRAIN_VERSION = 2
@@ -71,7 +73,7 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
     folder = os.path.join(cache if cache is not None else cache_dir(), "pretrained")
     path = os.path.join(folder, f"{settings.backbone.replace(':', '_')}_{key}.pt")
     if os.path.isfile(path):
-        checkpoint = load_checkpoint(path)
+        checkpoint = read_checkpoint(path)
         return path, False, checkpoint["val"]["accuracy"]
     train = make_pretraining_split(settings.train_size, settings.image_size, seed=settings.seed * 1000 + 1)
     val = make_pretraining_split(settings.val_size, settings.image_size, seed=settings.seed * 1000 + 2)
@@ -86,7 +88,7 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
     fit(config, train.as_dataset(), val.as_dataset(), log=log)
     os.replace(os.path.join(run, "best.pt"), path)  # atomic: a second run finds it complete or not at all
     shutil.rmtree(run, ignore_errors=True)
-    return path, True, load_checkpoint(path)["val"]["accuracy"]
+    return path, True, read_checkpoint(path)["val"]["accuracy"]
 
 
 def task_splits(settings):
@@ -169,7 +171,7 @@ def finetune(kind, weights, train, val, test, out, seed=0, threads=1, overrides=
                          threads=threads, **settings)
     started = time.perf_counter()
     _, history = fit(config, train.as_dataset(), val.as_dataset(), log=log)
-    checkpoint = load_checkpoint(os.path.join(out, "best.pt"))
+    checkpoint = read_checkpoint(os.path.join(out, "best.pt"))
     model = model_from_checkpoint(checkpoint)
     result = evaluate_test(model, test, group_weights=checkpoint["train_group_counts"])
     if unseen is not None:
@@ -183,8 +185,8 @@ def finetune(kind, weights, train, val, test, out, seed=0, threads=1, overrides=
 
 
 def evaluate_test(model, split, batch_size=100, group_weights=None):
-    """aim.evaluate metrics on ``split`` (GradCAM included) plus, for AIM, :func:`mask_placement`."""
-    from aim.evaluate import evaluate
+    """aim.app.evaluate metrics on ``split`` (GradCAM included) plus, for AIM, :func:`mask_placement`."""
+    from aim.app.evaluate import evaluate
 
     result = evaluate(model, split.as_dataset(), batch_size=batch_size, group_weights=group_weights)
     if hasattr(model, "topdown"):

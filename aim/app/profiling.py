@@ -2,7 +2,7 @@
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from aim.timm_backbones import create_timm_classifier, is_timm_name
+from aim.nn.timm_backbones import create_timm_classifier, is_timm_name
 
 
 def count_flops(model, images):
@@ -32,8 +32,8 @@ def plain_classifier(name, num_classes, image_size=224):
 def added_cost(backbone, depth=2, image_size=224, num_classes=2, **aim_kwargs):
     """Parameters and FLOPs of ``AIM(backbone, ...)`` against :func:`plain_classifier` of the same
     name and number of classes, for one image_size x image_size image."""
-    from aim.backbones import build_backbone
-    from aim.model import AIM
+    from aim.nn.backbones import build_backbone
+    from aim.nn.model import AIM
 
     # image_size: a timm ViT or Swin is built for it
     model = AIM(build_backbone(backbone, stages_used=depth, image_size=image_size), num_classes=num_classes, depth=depth,

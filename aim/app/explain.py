@@ -1,5 +1,5 @@
 """``aim explain``: for each image, a PNG with the image, each top-down stage's binary mask
-overlaid, the exact decision map (aim.audit: each pixel's share of the logit margin of the
+overlaid, the exact decision map (aim.analysis.audit: each pixel's share of the logit margin of the
 predicted class over the runner-up; the map plus the bias term sums to the margin), GradCAM
 (Captum, last backbone stage) for comparison, and the predicted class with its probability."""
 import os
@@ -7,9 +7,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from aim import audit
-from aim.evaluate import gradcam, logits_of
-from aim.model import AIMOutput
+from aim.analysis import audit
+from aim.analysis.attribution import gradcam
+from aim.nn.model import logits_of
+from aim.nn.model import AIMOutput
 
 
 def explain_image(model, image, class_names):
@@ -78,10 +79,11 @@ def command_explain(args):
     from aim.data.common import UNREADABLE
     from aim.errors import first_line
     from aim.data.transforms import denormalize, load_image, transform_for
-    from aim.train import check_device, load_checkpoint, model_from_checkpoint
+    from aim.config import check_device
+    from aim.checkpoint import read_checkpoint, model_from_checkpoint
 
     check_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint, f"checkpoint {args.checkpoint}")
+    checkpoint = read_checkpoint(args.checkpoint, f"checkpoint {args.checkpoint}")
     preprocessing = checkpoint["config"].get("preprocessing", "imagenet")
     transform = transform_for(preprocessing, checkpoint["config"]["image_size"])
     images = []

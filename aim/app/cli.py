@@ -1,14 +1,14 @@
 """The `aim` command: train, evaluate and explain AIM on a dataset, run the demo and the kernel
-benchmarks. Argument parsing and dispatch only; the work is in aim.train, aim.evaluate,
-aim.explain, aim.report, aim.bench, aim.demo and aim.profiling."""
+benchmarks. Argument parsing and dispatch only; the work is in aim.app.train, aim.app.evaluate,
+aim.app.explain, aim.app.report, aim.app.bench, aim.app.demo and aim.app.profiling."""
 import argparse
 import json
 import sys
 
-from aim.backbones import BACKBONE_NAMES
+from aim.nn.backbones import BACKBONE_NAMES
 from aim.data.transforms import PREPROCESSINGS
-from aim.topdown import MASK_BUDGETS
-from aim.train import SMALL_BACKBONE
+from aim.nn.topdown import MASK_BUDGETS
+from aim.config import SMALL_BACKBONE
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -205,21 +205,21 @@ def main(argv=None):
 
     try:
         if args.command == "train":
-            from aim.train import command_train as run
+            from aim.app.train import command_train as run
         elif args.command == "eval":
-            from aim.evaluate import command_eval as run
+            from aim.app.evaluate import command_eval as run
         elif args.command == "explain":
-            from aim.explain import command_explain as run
+            from aim.app.explain import command_explain as run
         elif args.command == "report":
-            from aim.report import command_report as run
+            from aim.app.report import command_report as run
         elif args.command == "bench":
-            from aim.bench import command_bench as run
+            from aim.app.bench import command_bench as run
         elif args.command == "demo":
-            from aim.demo import run_demo as run
+            from aim.app.demo import run_demo as run
         elif args.command == "data":
-            from aim.study import command_data as run
+            from aim.app.study import command_data as run
         else:
-            from aim.profiling import command_profile as run
+            from aim.app.profiling import command_profile as run
         run(args)
     except UsageError as error:
         # Bad data or settings: one line naming the file or flag, no traceback.

@@ -1,5 +1,5 @@
 """``aim demo``: the spurious-correlation protocol of issue 11 on the embedded benchmark, for one
-seed (:mod:`aim.study`, through the training loop and evaluation of ``aim train`` / ``aim eval``):
+seed (:mod:`aim.app.study`, through the training loop and evaluation of ``aim train`` / ``aim eval``):
 pretrain a small backbone on an unbiased generated set (cached), fine-tune the baseline and AIM
 from it on the biased task, select each on val worst-group accuracy, and compare them on the
 balanced test split."""
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 def run_demo(args):
     import aim_kernels
-    from aim import study
+    from aim.app import study
     from aim.data.embedded import AREA_RANGE, FINETUNE_CLASSES, PRETRAIN_SHAPES, SCENES, TEXTURES, UNSEEN_SCENES
     import aim
 
@@ -49,7 +49,7 @@ def run_demo(args):
         print(f"fine-tuning {kind} in {run}")
         records[kind] = study.finetune(kind, weights, train, val, test, run, seed=args.seed, threads=args.threads,
                                        overrides=overrides, unseen=unseen)
-        models[kind] = aim.load(run)
+        models[kind], _ = aim.load_checkpoint(run)
     rows = {kind: study.summary_row(record) for kind, record in records.items()}
     uniform = test.foregrounds.flatten(1).float().mean(1).mean().item()
     print(side_by_side(rows, uniform))
@@ -81,7 +81,7 @@ DEMO_REPORT = dict(gallery_per_group=3, background_images=4, faithfulness_per_gr
 
 def write_demo_report(args, test):
     """report.html of the AIM run with the baseline beside, on the test split."""
-    from aim import report
+    from aim.app import report
 
     runs = {kind: report.load_run(os.path.join(args.out, kind)) for kind in ("aim", "baseline")}
     label = (f"embedded benchmark (generated in memory, seed {args.seed}, background = class in "
@@ -105,10 +105,10 @@ def side_by_side(rows, uniform):
              f"{'unseen scenes: accuracy':<34} {cell(rows['baseline']['unseen_accuracy']):>9} {cell(rows['aim']['unseen_accuracy']):>9}",
              f"{'EPG of GradCAM':<34} {cell(rows['baseline']['epg_gradcam']):>9} {cell(rows['aim']['epg_gradcam']):>9}"]
     lines += [f"{'EPG of mask, stage ' + s:<34} {'-':>9} {cell(rows['aim']['epg_masks'][s]):>9}" for s in stages]
-    for share in ("object", "background", "bias"):  # aim.audit.decision_shares, mean over test images
+    for share in ("object", "background", "bias"):  # aim.analysis.audit.decision_shares, mean over test images
         lines.append(f"{'decision on the ' + share:<34} {cell(rows['baseline']['decision_' + share]):>9} "
                      f"{cell(rows['aim']['decision_' + share]):>9}")
-    for s, leak in rows["aim"]["mask_leak"].items():  # aim.audit.mask_area_leak
+    for s, leak in rows["aim"]["mask_leak"].items():  # aim.analysis.audit.mask_area_leak
         lines.append(f"{'mask ' + s + ': empty on':<34} {'-':>9} {cell(leak['empty_share']):>9}")
         lines.append(f"{'mask ' + s + ': area AUC class / bg':<34} {'-':>9} {cell(leak['auc_class']) + ' / ' + cell(leak['auc_background']):>9}")
     lines.append(f"{'selected epoch':<34} {rows['baseline']['best_epoch']:>9} {rows['aim']['best_epoch']:>9}")
@@ -128,7 +128,7 @@ def save_comparison_grid(models, split, path, per_group=2):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from aim.evaluate import gradcam
+    from aim.analysis.attribution import gradcam
 
     groups = sorted(range(4), key=lambda g: (g // 2 == g % 2, g))  # conflicting groups first
     shown = torch.cat([torch.nonzero(split.groups == g).flatten()[:per_group] for g in groups])

@@ -3,8 +3,8 @@ from typing import NamedTuple
 
 from torch import nn
 
-from aim.backbones import as_stage_dict, build_backbone, stage_channels_of
-from aim.topdown import INITIAL_MASK_LOGIT, FusedTopDownMask
+from aim.nn.backbones import as_stage_dict, build_backbone, stage_channels_of
+from aim.nn.topdown import INITIAL_MASK_LOGIT, FusedTopDownMask
 
 
 class AIMOutput(NamedTuple):
@@ -22,7 +22,7 @@ class AIM(nn.Module):
     masks keep, e.g. ``AIM("convnext_tiny", num_classes=2, depth=2, target=0.25)``.
 
     Args:
-        backbone: a torchvision name (``aim.backbones.BACKBONE_NAMES``: resnet18/34/50/101/152,
+        backbone: a torchvision name (``aim.nn.backbones.BACKBONE_NAMES``: resnet18/34/50/101/152,
             convnext_tiny/small/base/large), ``"timm:NAME"`` for any timm model with stage maps
             (CNNs, Swin; plain ViTs through a simple feature pyramid; needs ``pip install .[timm]``),
             or any nn.Module returning a list/tuple or dict of NCHW stage maps, finest first
@@ -100,3 +100,8 @@ class AIM(nn.Module):
         logits = self.classifier(self.topdown.pool_final(result.features, result.masks))
         stage_logits = {name: clf(pooled) for clf, (name, pooled) in zip(self.stage_classifiers, result.pooled_stage_outputs.items())}
         return AIMOutput(logits, stage_logits, dict(result.masks))
+
+
+def logits_of(output):
+    """The class logits of a model's output: an :class:`AIMOutput`'s, or a plain classifier's tensor."""
+    return output.logits if isinstance(output, AIMOutput) else output

@@ -1,5 +1,5 @@
 """Explanation quality beyond the Energy Pointing Game, for any model of ``aim`` and two maps:
-the decision map of the exact audit (:mod:`aim.audit`) and GradCAM (Captum).
+the decision map of the exact audit (:mod:`aim.analysis.audit`) and GradCAM (Captum).
 
 - :func:`deletion_insertion`: the deletion and insertion games of RISE (Petsiuk et al., BMVC
   2018, eclique/RISE ``evaluation.py``): pixels are removed (set to 0 in the model's input
@@ -16,8 +16,9 @@ curve only (docs/report.md says why it is not used and how ours was checked agai
 import torch
 import torch.nn.functional as F
 
-from aim import audit
-from aim.evaluate import gradcam, logits_of
+from aim.analysis import audit
+from aim.analysis.attribution import gradcam
+from aim.nn.model import logits_of
 
 # RISE's insertion substrate: a Gaussian blur of kernel 11, sigma 5.
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0

@@ -14,279 +14,25 @@ import json
 import math
 import os
 import random
-import re
 import subprocess
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-import aim
-from aim import metrics
+from aim.analysis import metrics
+from aim.nn.backbones import stage_channels_of
+from aim.nn.loss import AIMLoss, MaskAnnealing
+from aim.app.evaluate import evaluate, group_counts, mask_stage_names, selection_metric
+from aim.nn.model import logits_of
+from aim.checkpoint import (CHECKPOINT_FORMAT, atomic_write, build_model, build_run_backbone, non_finite_tensors,
+                            read_checkpoint, remove_stale_temporaries, save_json)
+from aim.config import AMP_DTYPES, RESUMABLE_CHANGES, TrainConfig, saved_config
 from aim.data import SeededSampler
-from aim.backbones import BACKBONE_NAMES, BaselineClassifier, SmallConvNet, build_backbone, load_backbone_weights, stage_channels_of
-from aim.data.transforms import PREPROCESSINGS
-from aim.evaluate import evaluate, group_counts, logits_of, mask_stage_names, selection_metric
-from aim.errors import DataError, UsageError, first_line
-from aim.timm_backbones import is_timm_name
-from aim.topdown import MASK_BUDGETS, POOLINGS
-
-CHECKPOINT_FORMAT = "aim-train-checkpoint-1"
-# A 4-stage SmallConvNet (aim.backbones) for toy data and tests, next to the torchvision names.
-SMALL_BACKBONE = "small_convnet"
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a run; config.json holds these plus the package version and commit."""
-
-    out: str = "run"
-    data: str = None
-    segmentations: str = None
-    model: str = "aim"              # "aim" or "baseline"
-    backbone: str = "resnet50"      # a torchvision name (aim.backbones.BACKBONE_NAMES), "timm:NAME" or "small_convnet"
-    timm_kwargs: dict = None        # timm.create_model arguments of a timm:NAME backbone (None: none)
-    weights: str = "none"           # "none", "DEFAULT" (torchvision's or timm's pretrained) or a file
-    depth: int = 2
-    target: float = 0.25
-    topdown_channels: int = 256
-    mask_channels: int = 128
-    temperature: float = 1.0
-    epochs: int = 30
-    anneal_epochs: int = 10
-    batch_size: int = 32            # global: split over the processes of a multi-process run
-    lr: float = 1e-3
-    backbone_lr: float = None       # None: lr
-    weight_decay: float = 1e-4
-    image_size: int = 224
-    preprocessing: str = "imagenet"  # aim.data.transforms.PREPROCESSINGS; aim eval/explain apply it again
-    workers: int = 4
-    seed: int = 0
-    device: str = "cpu"
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
-    compile_backend: str = "inductor"  # torch.compile backend; aot_eager checks capture without code generation
-    freeze_bn: bool = False         # BatchNorm layers use their running statistics, which stay fixed
-    threads: int = 0                # torch intra-op threads (0: torch's default)
-    use_reference: bool = False     # plain-PyTorch reference ops instead of the fused ones
-    initial_mask_logit: float = 2.0  # initial bias of the mask estimators' logits (aim.topdown.INITIAL_MASK_LOGIT)
-    stage_loss_weight: float = 1.0  # weight of the stage classifiers' cross-entropies in AIMLoss
-    warmup_epochs: int = 0          # epochs at tau = 1 (masks fully on) before the annealing starts
-    select_annealed: bool = False   # AIM: best.pt only among epochs trained at the target tau
-    noise_off_epochs: int = 0       # AIM: the last N epochs train without Gumbel noise (masks thresholded)
-    backbone_frozen_epochs: int = 0  # the first N epochs leave the backbone's weights as they are (linear probing, then fine-tuning)
-    mask_topdown_context: bool = True   # AIM: finer mask estimators also read the upsampled coarser fused map
-    mask_saliency_prior: bool = False   # AIM: mask logits + a learned multiple of the stage map's standardized log energy
-    per_image_mask_loss: bool = True    # AIM: mask loss on each image's active fraction, not the batch's
-    pooling: str = "all"            # AIM: classifiers average over all positions ("all") or the active ones ("active")
-    mask_budget: str = "eval"       # AIM: the mask loss sets each mask's area ("loss"), every image keeps exactly tau of each stage at eval ("eval") or in training too ("fixed")
-
-    def check(self):
-        if self.model not in ("aim", "baseline"):
-            raise UsageError(f"--model must be aim or baseline, got {self.model!r}")
-        if self.backbone not in BACKBONE_NAMES + (SMALL_BACKBONE,) and not is_timm_name(self.backbone):
-            raise UsageError(f"--backbone must be timm:NAME or one of {', '.join(BACKBONE_NAMES + (SMALL_BACKBONE,))}, "
-                             f"got {self.backbone!r}")
-        if self.timm_kwargs is not None and not (isinstance(self.timm_kwargs, dict) and is_timm_name(self.backbone)):
-            raise UsageError(f"--timm-kwargs must be a JSON object and the backbone timm:NAME, got {self.timm_kwargs!r} "
-                             f"for {self.backbone}")
-        if self.pooling not in POOLINGS:
-            raise UsageError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.mask_budget not in MASK_BUDGETS:
-            raise UsageError(f"--mask-budget must be one of {', '.join(MASK_BUDGETS)}, got {self.mask_budget!r}")
-        if self.preprocessing not in PREPROCESSINGS:
-            raise UsageError(f"--preprocessing must be one of {', '.join(PREPROCESSINGS)}, got {self.preprocessing!r}")
-        if self.amp not in AMP_DTYPES:
-            raise UsageError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
-        if self.amp == "fp16" and not self.device.startswith("cuda"):
-            raise UsageError("--amp fp16 needs --device cuda (fp16 autocast with a gradient scaler); use --amp bf16 on CPU")
-        if not 0 < self.target <= 1:
-            raise UsageError(f"--target must be a fraction in (0, 1] (of the mask entries kept active), got {self.target}")
-        if self.depth < 1:
-            raise UsageError(f"--depth must be >= 1 (top-down stages), got {self.depth}")
-        for name in ("lr", "backbone_lr"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):  # 0: those weights stay as they are
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if self.weight_decay < 0:
-            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        check_device(self.device)
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise UsageError(f"--out {self.out}: is a file; --out names the run folder to write (or to resume)")
-        for name in ("epochs", "batch_size", "image_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if min(self.anneal_epochs, self.workers, self.noise_off_epochs, self.backbone_frozen_epochs) < 0:
-            raise UsageError("--anneal-epochs, --workers, --noise-off-epochs and --backbone-frozen-epochs must be >= 0")
-        if self.select_annealed and self.model == "aim" and self.epochs <= self.warmup_epochs + self.anneal_epochs:
-            raise UsageError(f"--select-annealed needs an epoch at the target tau: --epochs {self.epochs} must exceed "
-                             f"--warmup-epochs + --anneal-epochs ({self.warmup_epochs + self.anneal_epochs})")
-
-
-def check_device(device):
-    """A UsageError naming --device unless ``device`` is cpu or a CUDA GPU this machine has."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device must be cpu or cuda (or cuda:N), got {device!r}") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda (or cuda:N), got {device!r}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: no CUDA GPU is available to PyTorch here; use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-
-
-# Settings that checkpoints written before they existed do not record, with the value those runs used.
-SETTINGS_BEFORE_THEY_EXISTED = {"mask_budget": "loss"}
-
-
-def saved_config(checkpoint):
-    """The settings a checkpoint was trained with, as a dict of TrainConfig fields."""
-    return {**SETTINGS_BEFORE_THEY_EXISTED, **checkpoint["config"]}
-
-
-# Settings that may change between a run and its resumption without changing its result.
-RESUMABLE_CHANGES = ("workers", "device", "threads", "data", "segmentations")
-
-
-def build_model(config, num_classes):
-    """The model a config describes, randomly initialized or with its --weights loaded into the
-    backbone. A failed download of DEFAULT weights, or a weights file that does not fit, is a
-    ValueError with a message for the user."""
-    backbone = build_run_backbone(config)
-    if config.model == "baseline":
-        return BaselineClassifier(backbone, num_classes)
-    return aim.AIM(backbone, num_classes=num_classes, depth=config.depth, target=config.target,
-                   out_channels=config.topdown_channels, mask_hidden_channels=config.mask_channels,
-                   temperature=config.temperature, use_reference=config.use_reference,
-                   initial_mask_logit=config.initial_mask_logit, mask_topdown_context=config.mask_topdown_context,
-                   pooling=config.pooling, mask_saliency_prior=config.mask_saliency_prior,
-                   mask_budget=config.mask_budget)
-
-
-def build_run_backbone(config):
-    """The backbone with --weights loaded (``aim train`` calls it first of all, so bad weights
-    stop the run before the data is read)."""
-    if config.backbone == SMALL_BACKBONE:
-        if config.weights == "DEFAULT":
-            raise UsageError(f"--weights DEFAULT: torchvision has no pretrained {SMALL_BACKBONE}; use --weights none or PATH")
-        backbone = SmallConvNet()
-    else:
-        backbone = _named_backbone(config)
-    if config.weights not in ("none", "DEFAULT"):
-        load_backbone_weights(backbone, _load_file(config.weights, f"--weights {config.weights}"),
-                              f"--weights {config.weights}")
-    return backbone
-
-
-def _named_backbone(config):
-    name, weights = config.backbone, None if config.weights != "DEFAULT" else "DEFAULT"
-    source, saved_by = (("timm", f"timm.create_model({name.removeprefix('timm:')!r}, pretrained=True)") if is_timm_name(name)
-                        else ("torchvision", f"torchvision.models.get_model({name!r}, weights='DEFAULT')"))
-    try:
-        return build_backbone(name, weights=weights, stages_used=config.depth if config.model == "aim" else 1,
-                              image_size=config.image_size, **(config.timm_kwargs or {}))
-    except TypeError as error:  # create_model's arguments
-        raise UsageError(f"--timm-kwargs {json.dumps(config.timm_kwargs)}: {error}") from None
-    except (OSError, RuntimeError) as error:  # URLError and the hub's LocalEntryNotFoundError are OSErrors
-        if weights is None:
-            raise
-        raise UsageError(f"--weights DEFAULT: could not download {source}'s pretrained {name} weights "
-                         f"({first_line(error)}); offline, download them on a "
-                         f"machine with network ({saved_by}.state_dict(), torch.save) and pass --weights PATH, or train from "
-                         f"scratch with --weights none") from None
-
-
-def _load_file(path, given_as):
-    """torch.load of a file the user named; ``given_as`` is how (e.g. "--weights w.pt"), for errors."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{given_as}: no such file")
-    if os.path.getsize(path) == 0:
-        raise UsageError(f"{given_as}: the file is empty (0 bytes)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors of many kinds: the file is not a state dict
-        raise UsageError(f"{given_as}: cannot be read by torch.load ({first_line(error)}); "
-                         f"is it truncated or not a PyTorch file?") from None
-
-
-def load_checkpoint(path, given_as=None):
-    """A checkpoint written by :func:`fit` (last.pt or best.pt), as a dict. ``given_as``: how
-    the user named the file (e.g. "checkpoint run/best.pt"), for errors; default the path."""
-    given_as = given_as or path
-    checkpoint = _load_file(path, given_as)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{given_as}: not a checkpoint written by `aim train`")
-    if non_finite_tensors(checkpoint["model"].values()):
-        raise UsageError(f"{given_as}: the weights hold NaN or infinity (a run that diverged); train again with a lower --lr")
-    return checkpoint
-
-
-def non_finite_tensors(tensors):
-    """How many of the floating-point ``tensors`` hold a NaN or an infinity, as a 0-d tensor on
-    their device (summed there: one synchronization when read, not one per tensor)."""
-    flags = [~torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
-    return torch.stack(flags).sum() if flags else torch.zeros((), dtype=torch.long)
-
-
-def model_from_checkpoint(checkpoint, device="cpu"):
-    """The trained model of a checkpoint, in eval mode."""
-    config = TrainConfig(**{**saved_config(checkpoint), "weights": "none"})
-    model = build_model(config, len(checkpoint["class_names"]))
-    model.load_state_dict(checkpoint["model"], strict=True)
-    return model.to(device).eval()
-
-
-class Distributed:
-    """The process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    def __init__(self, device):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", self.local_rank)
-        self.started_here = False
-        if self.world_size > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            self.started_here = True
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world_size > 1:
-            dist.barrier()
-
-    def all_sum(self, values):
-        """Sum a list of floats over ranks."""
-        if self.world_size == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def gather(self, obj):
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self):
-        if self.started_here:
-            dist.destroy_process_group()
+from aim.distributed import Distributed
+from aim.errors import DataError, UsageError
 
 
 def rng_state():
@@ -319,33 +65,6 @@ def make_optimizer(config, model):
     backbone_lr = config.lr if config.backbone_lr is None else config.backbone_lr
     groups = [{"params": backbone, "lr": backbone_lr, "name": "backbone"}, {"params": rest, "lr": config.lr, "name": "head"}]
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def atomic_write(path, write):
-    """write(tmp_path) then os.replace: a reader (or a resumed run) never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-# The files of a run folder that atomic_write writes, and its temporary names for them.
-ATOMIC_RUN_FILES = ("config.json", "log.jsonl", "best.pt", "last.pt")
-STALE_TEMPORARY = re.compile(rf"(?:{'|'.join(map(re.escape, ATOMIC_RUN_FILES))})\.tmp\d+")
-
-
-def remove_stale_temporaries(folder):
-    """Delete what atomic_write of a killed run left in ``folder`` (``last.pt.tmp1234``, ...);
-    nothing else, whatever its name."""
-    for entry in os.scandir(folder):
-        if entry.is_file() and STALE_TEMPORARY.fullmatch(entry.name):
-            os.remove(entry.path)
-
-
-def save_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    atomic_write(path, write)
 
 
 def run_metadata():
@@ -428,8 +147,8 @@ def _fit(config, train_set, val_set, resume, ranks, log):
     optimizer = make_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
-    schedule = aim.MaskAnnealing(config.target, config.anneal_epochs, warmup_epochs=config.warmup_epochs)
-    criterion = aim.AIMLoss(stage_weight=config.stage_loss_weight, per_image_mask_loss=config.per_image_mask_loss)
+    schedule = MaskAnnealing(config.target, config.anneal_epochs, warmup_epochs=config.warmup_epochs)
+    criterion = AIMLoss(stage_weight=config.stage_loss_weight, per_image_mask_loss=config.per_image_mask_loss)
     history, best, start_epoch = [], None, 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -532,7 +251,7 @@ def _resume_point(config, resume, last_path, ranks):
         return None
     if not exists:
         raise UsageError(f"--resume: {last_path}: no such file")
-    checkpoint = load_checkpoint(last_path, f"--resume: {last_path}")
+    checkpoint = read_checkpoint(last_path, f"--resume: {last_path}")
     saved = saved_config(checkpoint)
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
                if k not in RESUMABLE_CHANGES and saved.get(k, getattr(TrainConfig, k)) != v]
@@ -562,7 +281,7 @@ def _write_epoch(config, model, optimizer, scheduler, scaler, history, best, imp
         atomic_write(os.path.join(config.out, "best.pt"), lambda tmp: torch.save(checkpoint, tmp))
     checkpoint.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                       history=history, best=best, rng=rngs)
-    from aim.visualize import save_curves
+    from aim.app.visualize import save_curves
 
     save_curves(history, os.path.join(config.out, "curves.png"))
     atomic_write(os.path.join(config.out, "last.pt"), lambda tmp: torch.save(checkpoint, tmp))
@@ -616,7 +335,7 @@ def command_train(args):
     if os.environ.get("RANK", "0") == "0":
         annealed_by = config.warmup_epochs + config.anneal_epochs
         if config.model == "aim" and config.epochs <= annealed_by:
-            last_tau = aim.MaskAnnealing(config.target, config.anneal_epochs, warmup_epochs=config.warmup_epochs)(config.epochs - 1)
+            last_tau = MaskAnnealing(config.target, config.anneal_epochs, warmup_epochs=config.warmup_epochs)(config.epochs - 1)
             print(f"note: tau reaches --target {config.target} in epoch {annealed_by + 1} (--warmup-epochs + --anneal-epochs); "
                   f"this run ends at tau {last_tau:.2f}: pass --epochs {annealed_by + 1} or more, or a smaller --anneal-epochs",
                   flush=True)

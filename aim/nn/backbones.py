@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from aim.errors import UsageError
-from aim.timm_backbones import PYRAMID_LEVELS, build_timm_backbone, is_timm_name
+from aim.nn.timm_backbones import PYRAMID_LEVELS, build_timm_backbone, is_timm_name
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CONVNEXTS = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
@@ -72,7 +72,7 @@ def build_backbone(name, weights=None, stages_used=None, image_size=None, **timm
     """The feature stages of a classifier by name: a torchvision name (``BACKBONE_NAMES``) as a
     :class:`StageBackbone` with torchvision's parameter names (``conv1.weight``,
     ``layer1.0.conv1.weight``, ``features.1.0...``), or ``"timm:NAME"`` as an
-    :class:`aim.timm_backbones.TimmBackbone` (any timm model with stage maps, e.g.
+    :class:`aim.nn.timm_backbones.TimmBackbone` (any timm model with stage maps, e.g.
     ``timm:swin_tiny_patch4_window7_224``). The classifier head is dropped.
 
     ``weights``: None builds a randomly initialized backbone; a torchvision name passes it to
@@ -82,7 +82,7 @@ def build_backbone(name, weights=None, stages_used=None, image_size=None, **timm
     baseline; None: all); a backbone whose stages exist for their reader alone, a plain ViT's
     pyramid, builds only those. ``image_size`` and ``timm_kwargs`` (``timm.create_model``
     arguments, e.g. ``depth=2``) apply to timm names only (see
-    :func:`aim.timm_backbones.build_timm_backbone`).
+    :func:`aim.nn.timm_backbones.build_timm_backbone`).
     """
     if is_timm_name(name):
         if weights not in (None, "DEFAULT"):

@@ -21,7 +21,7 @@
 import torch
 import torch.nn.functional as F
 
-from aim.model import AIM
+from aim.nn.model import AIM
 
 SHARE_NAMES = ("object", "background", "bias")
 
@@ -93,7 +93,7 @@ def pooled_map_and_head(model, images):
     """(F, divisor, linear head) of a model whose logits are ``head(F.sum((2, 3)) / divisor)``:
     AIM's fused map F_depth, its pooling's position count (N, 1) and its final classifier, or
     the baseline's last stage map, its area and fc."""
-    from aim.backbones import BaselineClassifier, as_stage_dict
+    from aim.nn.backbones import BaselineClassifier, as_stage_dict
 
     if isinstance(model, AIM):
         result = model.topdown.run(as_stage_dict(model.backbone(images)))
@@ -102,7 +102,7 @@ def pooled_map_and_head(model, images):
     if isinstance(model, BaselineClassifier):
         final = as_stage_dict(model.backbone(images)).popitem()[1]
         return final, final.new_full((final.shape[0], 1), float(final.shape[-2] * final.shape[-1])), model.fc
-    raise TypeError(f"decision_contributions needs an aim.AIM or aim.backbones.BaselineClassifier, got {type(model).__name__}")
+    raise TypeError(f"decision_contributions needs an aim.AIM or aim.nn.backbones.BaselineClassifier, got {type(model).__name__}")
 
 
 @torch.no_grad()
@@ -141,7 +141,7 @@ def contributions_at(contributions, size):
     """c_p spread evenly over the image pixels of p's nearest-upsampling footprint, (N, H, W):
     the per-pixel decision map, which sums to the same total (each cell's footprint is the set of
     pixels that ``F.interpolate(..., mode="nearest")`` maps to it)."""
-    from aim.topdown import _footprint_counts
+    from aim.nn.topdown import _footprint_counts
 
     h, w = contributions.shape[-2:]
     counts = _footprint_counts((h, w), [size]).to(contributions.device, contributions.dtype)

@@ -2,7 +2,7 @@
 (or per-class) accuracy, worst-group and mean-group accuracy, the masks' active fractions, and
 the Energy Pointing Game of each stage's mask and of GradCAM (Captum ``LayerGradCam`` on the
 backbone's last stage, for both model kinds), the mask-area leak report and the exact decision
-audit (:mod:`aim.audit`).
+audit (:mod:`aim.analysis.audit`).
 
 Accuracies and EPG are built from sums, the leak report and the audit from per-image values:
 ranks of a multi-process run evaluate disjoint shards, and :func:`evaluate` reduces the sums
@@ -14,23 +14,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from aim import audit, metrics
+from aim.analysis import audit, metrics
 from aim.errors import UsageError
-from aim.model import AIMOutput
-
-
-def logits_of(output):
-    return output.logits if isinstance(output, AIMOutput) else output
-
-
-def gradcam(model, images, targets):
-    """GradCAM of ``targets`` (N,) on the last stage of ``model.backbone``, (N, 1, h, w), ReLU
-    applied (captum.attr.LayerGradCam)."""
-    from captum.attr import LayerGradCam
-
-    cam = LayerGradCam(lambda x: logits_of(model(x)), model.backbone.last_stage)
-    with torch.enable_grad():
-        return cam.attribute(images, target=targets, relu_attributions=True).detach()
+from aim.analysis.attribution import gradcam
+from aim.nn.model import AIMOutput, logits_of
 
 
 class _Sums:
@@ -98,11 +85,11 @@ def evaluate(model, dataset, batch_size=64, workers=0, device="cpu", amp_dtype=N
     mean_group_accuracy (None for layouts without groups), weighted_accuracy (the group accuracies
     weighted by ``group_weights``, the training split's group counts; None without them or
     groups), mask_active_fraction {stage} and
-    mask_area_leak {stage: aim.audit.mask_area_leak's entry} (AIM), energy_pointing_game
+    mask_area_leak {stage: aim.analysis.audit.mask_area_leak's entry} (AIM), energy_pointing_game
     {stage..., "gradcam"} and foreground_images (datasets with foregrounds; GradCAM only with
     ``with_gradcam``), decision_audit (datasets with foregrounds, ``with_audit``, two classes
     or more: the mean shares of the decision on the object, the background and the bias,
-    overall and per group, from :func:`aim.audit.decision_shares`). GradCAM targets the true class.
+    overall and per group, from :func:`aim.analysis.audit.decision_shares`). GradCAM targets the true class.
     In multi-process runs every rank passes its rank and world size, evaluates its shard, and
     gets the result of the whole split; world_size 1 evaluates the whole split in this process.
     ``per_image`` adds "per_image": {name: [value per image]} in the order the ranks' shards
@@ -299,10 +286,11 @@ def command_eval(args):
     """``aim eval``: the metrics of a checkpoint on one split, printed and optionally as JSON."""
     import json
 
-    from aim.train import check_device, load_checkpoint, model_from_checkpoint
+    from aim.config import check_device
+    from aim.checkpoint import read_checkpoint, model_from_checkpoint
 
     check_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint, f"checkpoint {args.checkpoint}")
+    checkpoint = read_checkpoint(args.checkpoint, f"checkpoint {args.checkpoint}")
     config = checkpoint["config"]
     dataset = open_split_for(checkpoint, args.checkpoint, args.data, args.split, args.segmentations, args.workers)
     model = model_from_checkpoint(checkpoint, args.device)

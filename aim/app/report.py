@@ -3,8 +3,8 @@ as data URIs, no script, no network): the run, accuracy per group, training curv
 (decision on the object, the mask-area leak, the pointing game), explanation quality (grid
 pointing game, deletion and insertion) and mask galleries per group.
 
-Every number comes from :func:`aim.evaluate.evaluate` (the code of ``aim eval``) and
-:mod:`aim.faithfulness`; the pictures from :func:`aim.explain.explain_image` (the code of
+Every number comes from :func:`aim.app.evaluate.evaluate` (the code of ``aim eval``) and
+:mod:`aim.analysis.faithfulness`; the pictures from :func:`aim.app.explain.explain_image` (the code of
 ``aim explain``). The page is rendered in memory and written with one rename, so a failed run
 leaves no half-written report.
 """
@@ -17,9 +17,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from aim import faithfulness
+from aim.analysis import faithfulness
 from aim.errors import DataError, UsageError
-from aim.evaluate import evaluate, format_number, logits_of, open_split_for
+from aim.app.evaluate import evaluate, format_number, open_split_for
+from aim.nn.model import logits_of
 
 # Small images (the embedded benchmark's 64 px) are enlarged by whole pixels to about this size.
 PANEL_PIXELS = 128
@@ -55,14 +56,14 @@ class Run:
 
 def load_run(folder, checkpoint="best", device="cpu"):
     """The run in ``folder`` with its best.pt (or last.pt); UsageError naming the missing file."""
-    from aim.train import load_checkpoint, model_from_checkpoint
+    from aim.checkpoint import read_checkpoint, model_from_checkpoint
 
     if not os.path.isdir(folder):
         raise UsageError(f"{folder}: no such folder (a run folder of `aim train`)")
     path = os.path.join(folder, f"{checkpoint}.pt")
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file (a run folder of `aim train` holds best.pt and last.pt)")
-    loaded = load_checkpoint(path)
+    loaded = read_checkpoint(path)
     config = {**loaded["config"], **_read_json(os.path.join(folder, "config.json"))}
     log = os.path.join(folder, "log.jsonl")
     if not os.path.isfile(log):
@@ -298,7 +299,7 @@ class _Pictures:
         self.to_display = (lambda image: image) if raw else (lambda image: denormalize(image.unsqueeze(0))[0])
 
     def panels(self, index):
-        from aim.explain import explain_image
+        from aim.app.explain import explain_image
 
         image, label, _, foreground = self.dataset[index][:4]
         picture = self.to_display(image).permute(1, 2, 0).clamp(0, 1).cpu()
@@ -405,7 +406,7 @@ def _uri(save, kind):
 
 
 def _curves_uri(history):
-    from aim.visualize import save_curves
+    from aim.app.visualize import save_curves
 
     buffer = io.BytesIO()
     save_curves(history, buffer)
@@ -438,17 +439,17 @@ def _faithfulness_plot_uri(curves):
 # The page.
 
 def render(context):
-    """The HTML of the page (aim/templates/report.html.j2, shipped as package data)."""
+    """The HTML of the page (aim/app/templates/report.html.j2, shipped as package data)."""
     import jinja2
 
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("aim", "templates"), autoescape=True,
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("aim.app", "templates"), autoescape=True,
                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return environment.get_template("report.html.j2").render(**context)
 
 
 def write_report(path, run, dataset, data_label, split, baseline=None, settings=None):
     """Build, render and write the report to ``path`` (one rename: never half a file)."""
-    from aim.train import atomic_write
+    from aim.checkpoint import atomic_write
 
     html = render(report_context(run, dataset, data_label, split, baseline, settings))
     folder = os.path.dirname(os.path.abspath(path))
@@ -470,7 +471,7 @@ def command_report(args):
     for name in ("gallery", "faithfulness_images", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    from aim.train import check_device
+    from aim.config import check_device
 
     check_device(args.device)
     run = load_run(args.run, args.checkpoint, args.device)
