@@ -26,8 +26,8 @@ import common  # noqa: E402
 from bench_backbones import inference, train_step  # noqa: E402
 
 import aim  # noqa: E402
-from aim.backbones import build_backbone  # noqa: E402
-from aim.profiling import plain_classifier  # noqa: E402
+from aim.nn.backbones import build_backbone  # noqa: E402
+from aim.app.profiling import plain_classifier  # noqa: E402
 
 CASES = (("resnet18", 160), ("convnext_tiny", 224))
 SETTINGS = dict(batch=8, depth=2, num_classes=2, rounds=7)
