@@ -1,7 +1,7 @@
 """Where AIM's time goes, per module, against the plain classifier: torch.profiler over a
 training step (forward, loss, backward, AdamW step) and an eval-mode inference forward.
 
-    python benchmarks/bench_aim_profile.py [--quick] [--backbones NAME ...] [--threads 1]
+    python benchmarks/bench_aim_profile.py [--quick] [--backbones NAME ...] [--threads 1] [--switches-off]
 
 Every module of interest runs inside a ``record_function`` scope opened by forward hooks
 (backbone, each mask estimator, each lateral conv, the classifier heads); the fused
@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from bench_aim_speedups import with_switches_off  # noqa: E402
 from bench_backbones import inference, train_step  # noqa: E402
 
 import aim  # noqa: E402
@@ -166,10 +167,12 @@ def train_step_scoped(model, images, labels, is_aim):
     return step
 
 
-def measure(name, image_size, s):
+def measure(name, image_size, s, switches_off=False):
     torch.manual_seed(0)
-    models = {"aim": aim.AIM(build_backbone(name, stages_used=s["depth"]), num_classes=s["num_classes"], depth=s["depth"]),
-              "plain": plain_classifier(name, s["num_classes"], image_size)}
+    model = aim.AIM(build_backbone(name, stages_used=s["depth"]), num_classes=s["num_classes"], depth=s["depth"])
+    if switches_off:  # the mask estimators' inference speed switches (bench_aim_speedups.py): as before them
+        model = with_switches_off(model)
+    models = {"aim": model, "plain": plain_classifier(name, s["num_classes"], image_size)}
     images = torch.randn(s["batch"], 3, image_size, image_size)
     labels = torch.randint(0, s["num_classes"], (s["batch"],))
     rows = []
@@ -215,6 +218,8 @@ def main():
     parser.add_argument("--backbones", nargs="+", default=[n for n, _ in CASES], metavar="NAME",
                         help="of %(default)s (each at its image size)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1, as bench_backbones.py)")
+    parser.add_argument("--switches-off", action="store_true",
+                        help="profile AIM with the mask estimators' speed switches off (the computation before them)")
     args = parser.parse_args()
     missing = {k: v for k, v in common.ALLOCATOR_SETTINGS["no-alloc-faults"].items() if k not in os.environ}
     if missing:  # glibc reads them at process start only
@@ -224,11 +229,11 @@ def main():
     sizes = dict(CASES)
     rows = []
     for name in args.backbones:
-        rows += measure(name, s.get("image_size", sizes.get(name, 224)), s)
+        rows += measure(name, s.get("image_size", sizes.get(name, 224)), s, args.switches_off)
     print_profile(rows)
-    meta = {**common.machine_info(), "settings": s,
+    meta = {**common.machine_info(), "settings": s, "switches_off": args.switches_off,
             "env": {k: os.environ.get(k) for k in common.ALLOCATOR_SETTINGS["no-alloc-faults"]}}
-    print("wrote", *common.write_results("aim_profile" + ("_quick" if args.quick else ""), rows, meta))
+    print("wrote", *common.write_results("aim_profile" + ("_switches_off" if args.switches_off else "") + ("_quick" if args.quick else ""), rows, meta))
 
 
 if __name__ == "__main__":
