@@ -2,6 +2,7 @@
 training step (forward, loss, backward, AdamW step) and an eval-mode inference forward.
 
     python benchmarks/bench_aim_profile.py [--quick] [--backbones NAME ...] [--threads 1] [--switches-off]
+    python benchmarks/bench_aim_profile.py --print benchmarks/results/aim_profile.json
 
 Every module of interest runs inside a ``record_function`` scope opened by forward hooks
 (backbone, each mask estimator, each lateral conv, the classifier heads); the fused
@@ -16,6 +17,7 @@ timed without it, AIM and plain interleaved in one process (common.time_interlea
 Writes benchmarks/results/aim_profile[_quick].{json,csv}.
 """
 import argparse
+import json
 import os
 import sys
 from collections import defaultdict
@@ -193,23 +195,31 @@ def measure(name, image_size, s, switches_off=False):
                 rows.append({"backbone": name, "image_size": image_size, "batch": s["batch"], "mode": mode, "model": kind,
                              "module": module, "forward_ms": fwd, "backward_ms": bwd, "total_ms": fwd + bwd,
                              "share_of_profiled": (fwd + bwd) / total,
-                             "share_of_plain_wall": (fwd + bwd) / total * wall[kind]["median_ms"] / wall["plain"]["median_ms"],
                              "wall_ms": wall[kind]["median_ms"], "wall_aim_over_plain": wall["aim"]["median_ms"] / wall["plain"]["median_ms"]})
     return rows
 
 
 def print_profile(rows):
+    """Markdown tables, one per backbone and mode: per module its profiled forward and backward
+    ms, its share of the model's profiled step, and its ms over the plain model's profiled step
+    (the ratio AIM's rows add up to, steadier on a loaded machine than the wall-clock ratio,
+    which is printed above each table)."""
     for key in sorted({(r["backbone"], r["image_size"], r["mode"]) for r in rows}, key=lambda k: (k[0], k[2] != "train step")):
         group = [r for r in rows if (r["backbone"], r["image_size"], r["mode"]) == key]
-        ratio = group[0]["wall_aim_over_plain"]
-        plain_wall = next(r["wall_ms"] for r in group if r["model"] == "plain")
-        aim_wall = next(r["wall_ms"] for r in group if r["model"] == "aim")
-        print(f"\n{key[0]}@{key[1]} {key[2]}, batch {group[0]['batch']}: wall plain {plain_wall:.0f} ms, AIM {aim_wall:.0f} ms, "
-              f"AIM/plain {ratio:.3f}")
-        print(f"  {'model':5} {'module':52} {'fwd ms':>8} {'bwd ms':>8} {'share':>7} {'x plain':>8}")
+        wall = {r["model"]: r["wall_ms"] for r in group}
+        plain_total = sum(r["total_ms"] for r in group if r["model"] == "plain")
+        aim_total = sum(r["total_ms"] for r in group if r["model"] == "aim")
+        print(f"\n{key[0]}@{key[1]} {key[2]}, batch {group[0]['batch']}: profiled plain {plain_total:.0f} ms, AIM {aim_total:.0f} ms "
+              f"(AIM/plain {aim_total / plain_total:.3f}); wall plain {wall['plain']:.0f} ms, AIM {wall['aim']:.0f} ms "
+              f"(AIM/plain {wall['aim'] / wall['plain']:.3f})")
+        shared = {r["module"] for r in group if r["model"] == "plain"}
+        own = sum(r["total_ms"] for r in group if r["model"] == "aim" and r["module"] not in shared)
+        print(f"AIM's own modules (rows the plain model has not) / plain step: {own / plain_total:.3f}\n")
+        print("| model | module | fwd ms | bwd ms | share of its step | / plain step |")
+        print("|---|---|---:|---:|---:|---:|")
         for r in group:
-            print(f"  {r['model']:5} {r['module'][:52]:52} {r['forward_ms']:8.1f} {r['backward_ms']:8.1f} "
-                  f"{r['share_of_profiled']:7.1%} {r['share_of_plain_wall']:8.3f}")
+            print(f"| {r['model']} | {r['module']} | {r['forward_ms']:.1f} | {r['backward_ms']:.1f} | "
+                  f"{r['share_of_profiled']:.1%} | {r['total_ms'] / plain_total:.3f} |")
 
 
 def main():
@@ -220,7 +230,11 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1, as bench_backbones.py)")
     parser.add_argument("--switches-off", action="store_true",
                         help="profile AIM with the mask estimators' speed switches off (the computation before them)")
+    parser.add_argument("--print", metavar="RESULTS_JSON", help="only print the tables of a results file this script wrote")
     args = parser.parse_args()
+    if args.print:
+        with open(args.print) as f:
+            return print_profile(json.load(f)["rows"])
     missing = {k: v for k, v in common.ALLOCATOR_SETTINGS["no-alloc-faults"].items() if k not in os.environ}
     if missing:  # glibc reads them at process start only
         os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **missing))
