@@ -55,7 +55,7 @@ def _label_modules(model, is_aim):
         stage = f"stage -{n - i}"  # -1: the coarsest stage
         est = td.mask_estimators[i]
         pairs += [(est.stem, f"mask estimator {stage}: stem conv"), (est.blocks, f"mask estimator {stage}: residual blocks"),
-                  (est, f"mask estimator {stage}: pool branch + 1x1 logit")]
+                  (est, f"mask estimator {stage}: rest (pool branch, 1x1 logit; eval: the folded convs)")]
         pairs.append((td.lateral[i], f"lateral 1x1 conv {stage}"))
     return pairs
 
