@@ -1,13 +1,15 @@
 """The settings of a training run (:class:`TrainConfig`), their checks, and what a checkpoint
 records of them. ``aim train``'s parser, the study and the demo read their defaults here."""
 import dataclasses
+import difflib
+import json
 import math
 import os
 
 import torch
 
 from aim.data.transforms import PREPROCESSINGS
-from aim.errors import UsageError
+from aim.errors import UsageError, first_line
 from aim.nn.backbones import BACKBONE_NAMES
 from aim.nn.timm_backbones import is_timm_name
 from aim.nn.topdown import MASK_BUDGETS, POOLINGS
@@ -19,51 +21,86 @@ SMALL_BACKBONE = "small_convnet"
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# The groups of settings, as ``aim train --help`` shows them.
+RUN = "the run"
+SYSTEM = "hardware and speed"
+METHOD = "AIM's method: the top-down pathway, its masks and the loss (AIM only)"
+STUDY = "research knobs of the study: schedules and model selection"
+
+
+def setting(default, help, group=RUN, **flag):
+    """A TrainConfig field: its default, its --help line and group, and what else its command-line
+    flag needs (choices, metavar, required). The parser of ``aim train`` is generated from these."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, **flag})
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """Every setting of a run; config.json holds these plus the package version and commit."""
+    """Every setting of a run, the one source of their defaults; config.json holds these plus the
+    package version and commit, and ``aim train --config FILE`` reads them back."""
 
-    out: str = "run"
-    data: str = None
-    segmentations: str = None
-    model: str = "aim"              # "aim" or "baseline"
-    backbone: str = "resnet50"      # a torchvision name (aim.nn.backbones.BACKBONE_NAMES), "timm:NAME" or "small_convnet"
-    timm_kwargs: dict = None        # timm.create_model arguments of a timm:NAME backbone (None: none)
-    weights: str = "none"           # "none", "DEFAULT" (torchvision's or timm's pretrained) or a file
-    depth: int = 2
-    target: float = 0.25
-    topdown_channels: int = 256
-    mask_channels: int = 128
-    temperature: float = 1.0
-    epochs: int = 30
-    anneal_epochs: int = 10
-    batch_size: int = 32            # global: split over the processes of a multi-process run
-    lr: float = 1e-3
-    backbone_lr: float = None       # None: lr
-    weight_decay: float = 1e-4
-    image_size: int = 224
-    preprocessing: str = "imagenet"  # aim.data.transforms.PREPROCESSINGS; aim eval/explain apply it again
-    workers: int = 4
-    seed: int = 0
-    device: str = "cpu"
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
-    compile_backend: str = "inductor"  # torch.compile backend; aot_eager checks capture without code generation
-    freeze_bn: bool = False         # BatchNorm layers use their running statistics, which stay fixed
-    threads: int = 0                # torch intra-op threads (0: torch's default)
-    use_reference: bool = False     # plain-PyTorch reference ops instead of the fused ones
-    initial_mask_logit: float = 2.0  # initial bias of the mask estimators' logits (aim.nn.topdown.INITIAL_MASK_LOGIT)
-    stage_loss_weight: float = 1.0  # weight of the stage classifiers' cross-entropies in AIMLoss
-    warmup_epochs: int = 0          # epochs at tau = 1 (masks fully on) before the annealing starts
-    select_annealed: bool = False   # AIM: best.pt only among epochs trained at the target tau
-    noise_off_epochs: int = 0       # AIM: the last N epochs train without Gumbel noise (masks thresholded)
-    backbone_frozen_epochs: int = 0  # the first N epochs leave the backbone's weights as they are (linear probing, then fine-tuning)
-    mask_topdown_context: bool = True   # AIM: finer mask estimators also read the upsampled coarser fused map
-    mask_saliency_prior: bool = False   # AIM: mask logits + a learned multiple of the stage map's standardized log energy
-    per_image_mask_loss: bool = True    # AIM: mask loss on each image's active fraction, not the batch's
-    pooling: str = "all"            # AIM: classifiers average over all positions ("all") or the active ones ("active")
-    mask_budget: str = "eval"       # AIM: the mask loss sets each mask's area ("loss"), every image keeps exactly tau of each stage at eval ("eval") or in training too ("fixed")
+    data: str = setting(None, "the dataset folder (metadata.csv: WaterBirds layout; else DIR/train/<class>/, DIR/val/<class>/)",
+                        metavar="DIR", required=True)
+    out: str = setting("run", "run folder: config.json, log.jsonl, last.pt, best.pt, curves.png", metavar="RUN", required=True)
+    segmentations: str = setting(None, "foreground masks: val pointing game per epoch", metavar="DIR")
+    model: str = setting("aim", "AIM, or the backbone with a linear classifier on its last stage", choices=("aim", "baseline"))
+    backbone: str = setting("resnet50", f"{', '.join(BACKBONE_NAMES + (SMALL_BACKBONE,))}, or timm:NAME for any timm model with "
+                            "stage maps (small_convnet: for toy data), e.g. timm:convnext_atto, "
+                            "timm:swin_tiny_patch4_window7_224, timm:vit_tiny_patch16_224 (pip install .[timm])", metavar="NAME")
+    timm_kwargs: dict = setting(None, 'timm.create_model arguments of a timm:NAME backbone, e.g. \'{"drop_path_rate": 0.1}\' '
+                                "(img_size follows --image-size for models bound to one input size)", metavar="JSON")
+    weights: str = setting("none", "backbone weights: none, torchvision's or timm's pretrained (DEFAULT, needs network), or a "
+                           "torchvision or timm state dict / `aim train` checkpoint file", metavar="none|DEFAULT|PATH")
+    depth: int = setting(2, "top-down stages (AIM[depth, target])")
+    target: float = setting(0.25, "mask-annealing target tau (fraction of active entries)")
+    epochs: int = setting(30, "training epochs")
+    anneal_epochs: int = setting(10, "epochs over which tau goes from 1.0 to --target")
+    batch_size: int = setting(32, "global batch (split over the processes of a multi-process run)")
+    lr: float = setting(1e-3, "AdamW learning rate (cosine decay over the run)")
+    backbone_lr: float = setting(None, "learning rate of the backbone (default: --lr)")
+    weight_decay: float = setting(1e-4, "AdamW weight decay")
+    image_size: int = setting(224, "side of the square images the model sees")
+    preprocessing: str = setting("imagenet", "imagenet: random resized crop + flip in training, resize + center crop in "
+                                 "evaluation, ImageNet normalization (group_DRO's); raw: images as they are (--image-size "
+                                 "square, values in [0, 1]), as `aim demo` trains on the embedded benchmark (`aim data "
+                                 "embedded` writes it); aim eval and explain apply the run's again", choices=PREPROCESSINGS)
+    seed: int = setting(0, "seeds the initialization, data order, augmentation and noise")
+
+    workers: int = setting(4, "DataLoader worker processes", SYSTEM)
+    device: str = setting("cpu", "cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)", SYSTEM)
+    amp: str = setting("none", "autocast dtype (fp16: CUDA only)", SYSTEM, choices=("none", "bf16", "fp16"))
+    channels_last: bool = setting(False, "channels_last memory format (faster convolutions on GPUs)", SYSTEM)
+    compile: bool = setting(False, "torch.compile the whole model", SYSTEM)
+    compile_backend: str = setting("inductor", "torch.compile backend (aot_eager: graph capture and AOTAutograd without "
+                                   "code generation)", SYSTEM)
+    threads: int = setting(0, "torch intra-op CPU threads (0: as many as torch picks)", SYSTEM)
+
+    topdown_channels: int = setting(256, "width of the top-down pathway", METHOD)
+    mask_channels: int = setting(128, "width of each mask estimator", METHOD)
+    temperature: float = setting(1.0, "Gumbel temperature", METHOD)
+    initial_mask_logit: float = setting(2.0, "initial bias of the mask estimators' logits "
+                                        "(aim.nn.topdown.INITIAL_MASK_LOGIT)", METHOD)
+    stage_loss_weight: float = setting(1.0, "weight of the stage classifiers' cross-entropies in AIMLoss", METHOD)
+    mask_topdown_context: bool = setting(True, "finer mask estimators also read the upsampled coarser fused map "
+                                         "(docs/masks_and_audit.md)", METHOD)
+    mask_saliency_prior: bool = setting(False, "mask logits also get a learned multiple of each stage map's standardized "
+                                        "log energy, so the weakest positions drop first as tau anneals", METHOD)
+    per_image_mask_loss: bool = setting(True, "mask loss on each image's active fraction; --no-per-image-mask-loss: on "
+                                        "the batch's, the paper's term, whose masks can encode the class in their area",
+                                        METHOD)
+    pooling: str = setting("all", "classifiers average the masked map over all positions or over the active ones only",
+                           METHOD, choices=POOLINGS)
+    mask_budget: str = setting("eval", "'loss' (the paper's): the mask loss pulls each mask's area towards tau; 'eval': "
+                               "so in training, and at eval every image keeps exactly tau of each stage's positions (its "
+                               "highest logits), so the area carries nothing; 'fixed': exactly tau in training too",
+                               METHOD, choices=MASK_BUDGETS)
+    use_reference: bool = setting(False, "plain-PyTorch reference ops instead of the fused ones", METHOD)
+
+    select_annealed: bool = setting(False, "AIM: select best.pt only among epochs trained at the target tau", STUDY)
+    backbone_frozen_epochs: int = setting(0, "the first N epochs train all but the backbone's weights (its BatchNorm "
+                                          "statistics still adapt), then the whole network: linear probing, then "
+                                          "fine-tuning", STUDY)
+    freeze_bn: bool = setting(False, "keep BatchNorm statistics fixed (eval mode) while training", STUDY)
 
     def check(self):
         if self.model not in ("aim", "baseline"):
@@ -100,11 +137,11 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if min(self.anneal_epochs, self.workers, self.noise_off_epochs, self.backbone_frozen_epochs) < 0:
-            raise UsageError("--anneal-epochs, --workers, --noise-off-epochs and --backbone-frozen-epochs must be >= 0")
-        if self.select_annealed and self.model == "aim" and self.epochs <= self.warmup_epochs + self.anneal_epochs:
+        if min(self.anneal_epochs, self.workers, self.backbone_frozen_epochs) < 0:
+            raise UsageError("--anneal-epochs, --workers and --backbone-frozen-epochs must be >= 0")
+        if self.select_annealed and self.model == "aim" and self.epochs <= self.anneal_epochs:
             raise UsageError(f"--select-annealed needs an epoch at the target tau: --epochs {self.epochs} must exceed "
-                             f"--warmup-epochs + --anneal-epochs ({self.warmup_epochs + self.anneal_epochs})")
+                             f"--anneal-epochs ({self.anneal_epochs})")
 
 
 def check_device(device):
@@ -126,10 +163,60 @@ def check_device(device):
 SETTINGS_BEFORE_THEY_EXISTED = {"mask_budget": "loss"}
 
 
+# Settings that no longer exist, with the value that meant "off": a checkpoint that recorded them
+# still loads; a run that used them cannot be resumed.
+REMOVED_SETTINGS = {"warmup_epochs": 0, "noise_off_epochs": 0}
+
+
 def saved_config(checkpoint):
     """The settings a checkpoint was trained with, as a dict of TrainConfig fields."""
-    return {**SETTINGS_BEFORE_THEY_EXISTED, **checkpoint["config"]}
+    return {k: v for k, v in {**SETTINGS_BEFORE_THEY_EXISTED, **checkpoint["config"]}.items() if k not in REMOVED_SETTINGS}
 
 
 # Settings that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = ("workers", "device", "threads", "data", "segmentations")
+
+
+# What config.json records beside the settings (aim.app.train.run_metadata): read back, it is skipped.
+RUN_METADATA = ("version", "git_commit", "torch")
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+
+
+def read_config_file(path):
+    """The settings of a JSON or YAML file (``aim train --config``) as a dict of TrainConfig
+    fields, each of its field's type: a run's config.json reads back as it was written. An
+    unreadable file, an unknown key or a value of the wrong type is a UsageError naming the file."""
+    given_as = f"--config {path}"
+    if not os.path.isfile(path):
+        raise UsageError(f"{given_as}: no such file")
+    try:
+        with open(path) as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                settings = yaml.safe_load(f)
+            else:
+                settings = json.load(f)
+    except Exception as error:  # json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError
+        raise UsageError(f"{given_as}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'} "
+                         f"({first_line(error)})") from None
+    if not isinstance(settings, dict):
+        raise UsageError(f"{given_as}: must hold a mapping of settings (name: value), got {type(settings).__name__}")
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    result = {}
+    for name, value in settings.items():
+        if name in RUN_METADATA or (name in REMOVED_SETTINGS and value == REMOVED_SETTINGS[name]):
+            continue
+        if name in REMOVED_SETTINGS:
+            raise UsageError(f"{given_as}: {name} {value!r}: this version no longer has that setting")
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), fields, n=1)
+            raise UsageError(f"{given_as}: unknown setting {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        kind, default = fields[name].type, fields[name].default
+        fits = (value is None and default is None) or (
+            isinstance(value, kind) and not (kind is int and isinstance(value, bool))) or (
+            kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not fits:
+            raise UsageError(f"{given_as}: {name} must be {TYPE_NAMES[kind]}, got {value!r}")
+        result[name] = float(value) if kind is float and value is not None else value
+    return result

@@ -29,7 +29,7 @@ import common  # noqa: E402
 import aim  # noqa: E402
 import aim_kernels  # noqa: E402
 from aim.nn.backbones import as_stage_dict  # noqa: E402
-from aim.nn.topdown import _pooled_lateral  # noqa: E402
+from aim.nn.topdown import pooled_lateral  # noqa: E402
 
 TARGET = 0.25
 
@@ -75,7 +75,7 @@ def providers(model, images, stages, run):
         return prev
 
     def pooled_shortcut():
-        return [_pooled_lateral(td.lateral[i], stages[name], masks[name]) for i, name in enumerate(run)]
+        return [pooled_lateral(td.lateral[i], stages[name], masks[name]) for i, name in enumerate(run)]
 
     fns = {
         "backbone": lambda: model.backbone(images),

@@ -187,19 +187,36 @@ def run_under_both_allocators(script, extra_args):
     return results
 
 
+def compact_json(value, depth=0):
+    """JSON that stays small and diffs well: a long container that holds containers gets one
+    line per element (down to depth 3), everything else is written on one line."""
+    flat = json.dumps(value)
+    nested = isinstance(value, (dict, list)) and any(isinstance(v, (dict, list)) for v in (value.values() if isinstance(value, dict) else value))
+    if depth >= 3 or not nested or len(flat) <= 200:
+        return flat
+    indent = " " * (depth + 1)
+    if isinstance(value, dict):
+        items = [f"{indent}{json.dumps(k)}: {compact_json(v, depth + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * depth + "}"
+    return "[\n" + ",\n".join(indent + compact_json(v, depth + 1) for v in value) + "\n" + " " * depth + "]"
+
+
+def write_json(path, value):
+    with open(path, "w") as f:
+        f.write(compact_json(value) + "\n")
+
+
 def write_results(stem, rows, meta):
-    """results/<stem>.json ({"meta", "rows"}) and .csv (every row with the meta's provenance
-    columns: commit, time, version, device)."""
+    """results/<stem>.json ({"meta", "rows"}, tracked) and .csv (every row with the meta's
+    provenance columns: commit, time, version, device; written for spreadsheets, not tracked)."""
     provenance = {k: meta[k] for k in ("git_commit", "timestamp_utc", "aim_kernels", "device")}
-    rows = [dict(r, **provenance) for r in rows]
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     base = os.path.join(os.path.dirname(__file__), "results", stem)
-    with open(base + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_json(base + ".json", {"meta": meta, "rows": rows})
     with open(base + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))  # quotes fields that hold commas
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(provenance))  # quotes fields that hold commas
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(dict(r, **provenance) for r in rows)
     return base + ".json", base + ".csv"
 
 
@@ -227,3 +244,10 @@ def print_table(rows, columns):
 
 def _fmt(v):
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def usable_cuda_backends():
+    """The CUDA backends of aim_kernels ("cuda", "triton") that can serve the ops on this machine."""
+    import aim_kernels
+
+    return [name for name in ("cuda", "triton") if aim_kernels.backends()[name]["available"]]

@@ -31,12 +31,12 @@ def main():
         print("no CUDA device: nothing to measure")
         return 0
     import aim_kernels
-    from aim_kernels import _cuda_backend
 
     torch.manual_seed(0)
     peak = peak_bandwidth_gbs(0)
     providers = {"eager": eager_straight_through, "gumbel_softmax": gumbel_softmax_two_channels, "torch.compile": None}
-    providers.update({backend: ours for backend in _cuda_backend.CHOICES if _cuda_backend.unavailable_reason(backend) is None})
+    cuda_backends = common.usable_cuda_backends()
+    providers.update({backend: ours for backend in cuda_backends})
     rows = []
     for dtype in DTYPES:
         for shape in QUICK_CASES if args.quick else CASES:
@@ -45,7 +45,7 @@ def main():
             logits = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
             grad = torch.randn(shape, device="cuda", dtype=dtype)
             for name, fn in providers.items():
-                if name in _cuda_backend.CHOICES:
+                if name in cuda_backends:
                     aim_kernels.set_cuda_backend(name)
                 for mode in ("forward", "forward+backward"):
                     if mode == "forward":

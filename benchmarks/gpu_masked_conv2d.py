@@ -41,12 +41,12 @@ def main():
     import triton.testing
 
     import aim_kernels
-    from aim_kernels import _cuda_backend, reference
+    from aim_kernels import reference
 
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True  # the dense baseline at its best
     compiled = torch.compile(reference.masked_conv2d, dynamic=True)
-    backends = [b for b in _cuda_backend.CHOICES if _cuda_backend.unavailable_reason(b) is None]
+    backends = common.usable_cuda_backends()
     rows = []
     for dtype in DTYPES:
         for label, c_in, c_out, k, groups, h in QUICK_CASES if args.quick else CASES:

@@ -46,7 +46,7 @@ def main():
         print("no CUDA device: nothing to measure")
         return 0
     import aim_kernels
-    from aim_kernels import _cuda_backend, reference
+    from aim_kernels import reference
 
     peak = peak_bandwidth_gbs(0)
     rows = []
@@ -59,9 +59,8 @@ def main():
             torch._dynamo.reset()  # a fresh compile per shape: recompiles would hit dynamo's limit
             providers = {"eager": reference.topdown_merge,
                          "torch.compile": torch.compile(reference.topdown_merge, dynamic=False)}
-            for backend in _cuda_backend.CHOICES:
-                if _cuda_backend.unavailable_reason(backend) is None:
-                    providers[backend] = backend
+            for backend in common.usable_cuda_backends():
+                providers[backend] = backend
             for name, provider in providers.items():
                 if isinstance(provider, str):
                     aim_kernels.set_cuda_backend(provider)

@@ -1,4 +1,4 @@
-"""AIM against its baseline under a spurious correlation, over seeds (issue 11).
+"""AIM against its baseline under a spurious correlation, over seeds.
 
 Embedded benchmark (default): pretrain SmallConvNet on the unbiased generated set (cached), then
 for each spurious correlation (0.95, 1.0) and seed fine-tune the baseline and AIM from it,
@@ -32,6 +32,8 @@ from aim.app import study
 from aim.data.embedded import FINETUNE_CLASSES, PRETRAIN_SHAPES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 METRICS = ("weighted_accuracy", "accuracy", "worst_group", "unseen_accuracy", "epg_gradcam", "epg_mask_finest", "epg_mask_coarsest", "decision_object",
@@ -251,13 +253,11 @@ def main(argv=None):
         path = os.path.join(RESULTS, "study_embedded_v2_experiments.json")
         existing = json.load(open(path)) if os.path.isfile(path) else []
         existing.append({"experiment": args.experiment, **meta, "summary": summary, "records": records})
-        with open(path, "w") as f:
-            json.dump(existing, f, indent=1)
+        common.write_json(path, existing)
         log(f"appended experiment {args.experiment!r} to {path}")
     else:
         stem = args.out or os.path.join(RESULTS, "study_spurious" + ("_folder" if args.data else ""))
-        with open(f"{stem}.json", "w") as f:
-            json.dump({**meta, "summary": summary, "records": records}, f, indent=1)
+        common.write_json(f"{stem}.json", {**meta, "summary": summary, "records": records})
         write_table(summary, stem)
         log(f"wrote {stem}.json, .csv, .png")
     for row in summary:

@@ -9,6 +9,33 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of small tensors (``pytestmark = pytest.mark.usefixtures("single_thread")``):
+    intra-op threads add only synchronization, which on a loaded 2-core machine costs far more
+    than the work (measured: 7x slower training steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def waterbirds_dataset(tmp_path_factory):
+    """tiny_datasets.make_waterbirds in a folder shared by the session, and its metadata rows;
+    read only: a test that changes it works on a copy."""
+    from tiny_datasets import make_waterbirds
+
+    root = tmp_path_factory.mktemp("waterbirds")
+    return root, make_waterbirds(str(root))
+
+
+@pytest.fixture(scope="session")
+def waterbirds(waterbirds_dataset):
+    """The folder of :func:`waterbirds_dataset`."""
+    return waterbirds_dataset[0]
+
+
 def pytest_report_header(config):
     import aim_kernels
 

@@ -8,7 +8,8 @@ import torch
 from aim.analysis import metrics
 from aim.app.cli import main
 from aim.data import make_toy_split
-from test_aim_topdown import single_thread  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 def test_toy_split_is_deterministic_and_the_shortcut_has_the_requested_strength():
     a, b = make_toy_split(400, image_size=48, spurious_correlation=0.9, seed=3), make_toy_split(400, image_size=48, spurious_correlation=0.9, seed=3)

@@ -14,14 +14,7 @@ CHANNELS = [8, 12, 16, 24]
 SIZES = [(23, 19), (12, 10), (6, 5), (3, 3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are small: intra-op threads add only synchronization, which on a loaded
-    2-core machine costs far more than the work (measured: 7x slower training steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def stage_maps(batch=2, channels=CHANNELS, sizes=SIZES, requires_grad=False, dtype=torch.float32):

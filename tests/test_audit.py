@@ -1,4 +1,4 @@
-"""The mask-area leak report and the exact decision audit (aim.analysis.audit, issue 16), and AIM's
+"""The mask-area leak report and the exact decision audit (aim.analysis.audit), and AIM's
 "active" pooling they motivate."""
 import itertools
 

@@ -10,17 +10,9 @@ import torch
 from PIL import Image
 
 from aim.app.cli import build_parser, main
-from tiny_datasets import make_waterbirds, write_metadata
+from tiny_datasets import write_metadata
+from tiny_runs import TINY
 
-TINY = ["--backbone", "small_convnet", "--topdown-channels", "16", "--mask-channels", "8", "--image-size", "32",
-        "--batch-size", "8", "--workers", "0", "--threads", "1", "--anneal-epochs", "1"]
-
-
-@pytest.fixture(scope="module")
-def waterbirds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("waterbirds")
-    make_waterbirds(str(root))
-    return root
 
 
 def one_line_error(capsys):

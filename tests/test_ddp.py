@@ -20,15 +20,7 @@ import torch
 from aim.app.cli import main
 from aim.config import TrainConfig
 from aim.checkpoint import build_model
-from test_train import TINY, read_log, wait_for_first_checkpoint
-from tiny_datasets import make_waterbirds
-
-
-@pytest.fixture(scope="module")
-def waterbirds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("waterbirds")
-    make_waterbirds(str(root))
-    return root
+from tiny_runs import TINY, read_log, wait_for_first_checkpoint
 
 
 def torchrun(*args):

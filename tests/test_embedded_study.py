@@ -196,8 +196,8 @@ def test_study_options_of_the_model_loss_and_schedule():
     from aim.config import TrainConfig
 
     with pytest.raises(ValueError, match="select-annealed"):
-        TrainConfig(select_annealed=True, epochs=4, anneal_epochs=3, warmup_epochs=1).check()
-    TrainConfig(select_annealed=True, epochs=5, anneal_epochs=3, warmup_epochs=1).check()
+        TrainConfig(select_annealed=True, epochs=3, anneal_epochs=3).check()
+    TrainConfig(select_annealed=True, epochs=4, anneal_epochs=3).check()
 
 
 def test_study_script_on_a_waterbirds_layout_folder(tmp_path):

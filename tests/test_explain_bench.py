@@ -9,7 +9,7 @@ import torch
 from aim.app.cli import main
 from aim.app.explain import explain_image
 from aim.checkpoint import read_checkpoint, model_from_checkpoint
-from test_train import TINY
+from tiny_runs import TINY
 from tiny_datasets import make_waterbirds
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 
 import aim
 from aim.nn.backbones import SmallConvNet, as_stage_dict
-from aim.nn.topdown import _footprint_counts
+from aim.nn.topdown import footprint_counts
 from merge_checks import UNIT_ROUNDOFF
-from test_aim_topdown import CHANNELS, near_threshold, single_thread, stage_maps  # noqa: F401  (fixture)
+from test_aim_topdown import CHANNELS, near_threshold, stage_maps
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _gamma(n, dtype):
@@ -86,7 +88,7 @@ def _logit_magnitude(model, stages, masks, final):
         stage, m = stages[name].double().abs(), masks[name].double().abs()
         h, w = m.shape[-2:]
         if final:
-            counts = _footprint_counts((h, w), [stages[n].shape[-2:] for n in reversed(names[:i])]).double()
+            counts = footprint_counts((h, w), [stages[n].shape[-2:] for n in reversed(names[:i])]).double()
             weights = m * counts / (size[0] * size[1])
         else:
             weights = m / (h * w)

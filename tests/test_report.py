@@ -17,7 +17,7 @@ import torch
 
 from aim.app.cli import main
 from aim.app.evaluate import format_number
-from test_train import TINY
+from tiny_runs import TINY
 from tiny_datasets import make_waterbirds, write_metadata
 
 # Small galleries and subsets: the page is the same, it takes seconds.

@@ -18,9 +18,8 @@ import torchvision
 import aim
 from aim.nn.backbones import build_backbone, load_backbone_weights
 from aim.app.cli import main
-from aim.nn.timm_backbones import SimpleFeaturePyramid, TimmBackbone
-from test_train import TINY, read_log
-from tiny_datasets import make_waterbirds
+from aim.nn.timm_backbones import SimpleFeaturePyramid
+from tiny_runs import TINY, read_log
 
 SWIN = "timm:swin_tiny_patch4_window7_224"
 VIT = "timm:vit_tiny_patch16_224"
@@ -37,13 +36,6 @@ SIZE = 64
 def tiny_aim(name, depth=2, **aim_kwargs):
     backbone = build_backbone(name, stages_used=depth, image_size=SIZE, **TINY_KWARGS[name])
     return aim.AIM(backbone, num_classes=3, depth=depth, out_channels=16, mask_hidden_channels=8, **aim_kwargs)
-
-
-@pytest.fixture(scope="module")
-def waterbirds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("waterbirds")
-    make_waterbirds(str(root))
-    return root
 
 
 @pytest.mark.parametrize("name", list(TINY_KWARGS))

@@ -13,24 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from aim.app.cli import main
-from tiny_datasets import make_folders, make_waterbirds, write_metadata
-
-TINY = ["--backbone", "small_convnet", "--topdown-channels", "16", "--mask-channels", "8", "--image-size", "32",
-        "--batch-size", "8", "--workers", "0", "--threads", "1", "--anneal-epochs", "1"]
-
-
-@pytest.fixture(scope="module")
-def waterbirds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("waterbirds")
-    rows = make_waterbirds(str(root))
-    return root, rows
-
+from tiny_datasets import make_folders, write_metadata
+from tiny_runs import TINY, aim_process, read_log, wait_for_first_checkpoint
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
@@ -39,27 +28,8 @@ def folders(tmp_path_factory):
     return root
 
 
-def aim_process(*args, timeout=300, **kwargs):
-    """``python -m aim ARGS`` in a fresh process, started outside the repository."""
-    return subprocess.Popen([sys.executable, "-m", "aim", *map(str, args)], cwd=kwargs.pop("cwd", "/"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def wait_for_first_checkpoint(proc, run, timeout=240):
-    """Poll until ``run/last.pt`` exists (the first epoch is done) while ``proc`` runs."""
-    deadline = time.monotonic() + timeout
-    while not (run / "last.pt").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-
-
-def read_log(run):
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
-def test_waterbirds_train_and_eval(waterbirds, tmp_path, capsys):
-    root, _ = waterbirds
+def test_waterbirds_train_and_eval(waterbirds_dataset, tmp_path, capsys):
+    root, _ = waterbirds_dataset
     run = tmp_path / "run"
     assert main(["train", "--data", str(root), "--out", str(run), "--segmentations", str(root / "segmentations"),
                  "--epochs", "2", *TINY]) == 0
@@ -155,8 +125,8 @@ def _bad_waterbirds(case, root, rows):
 
 @pytest.mark.parametrize("case", ["missing column", "label out of range", "missing image", "corrupt image", "empty split",
                                   "class names that disagree", "raw preprocessing, image of another size"])
-def test_bad_waterbirds_data_stops_before_training(waterbirds, tmp_path, capsys, case):
-    root, rows = waterbirds
+def test_bad_waterbirds_data_stops_before_training(waterbirds_dataset, tmp_path, capsys, case):
+    root, rows = waterbirds_dataset
     data = _copy(root, tmp_path)
     message = _bad_waterbirds(case, data, rows)
     run = tmp_path / "run"
@@ -167,8 +137,8 @@ def test_bad_waterbirds_data_stops_before_training(waterbirds, tmp_path, capsys,
     assert not run.exists()  # nothing half-written
 
 
-def test_missing_foreground_mask_stops_before_training(waterbirds, tmp_path, capsys):
-    root, rows = waterbirds
+def test_missing_foreground_mask_stops_before_training(waterbirds_dataset, tmp_path, capsys):
+    root, rows = waterbirds_dataset
     data = _copy(root, tmp_path)
     val = next(r for r in rows if r["split"] == 1)
     mask = data / "segmentations" / (val["img_filename"][:-4] + ".png")
@@ -201,8 +171,8 @@ def test_bad_folder_data_stops_before_training(folders, tmp_path, capsys, case):
     assert not run.exists()
 
 
-def test_bad_data_in_a_fresh_process_prints_one_line_and_no_traceback(waterbirds, tmp_path):
-    root, rows = waterbirds
+def test_bad_data_in_a_fresh_process_prints_one_line_and_no_traceback(waterbirds_dataset, tmp_path):
+    root, rows = waterbirds_dataset
     data = _copy(root, tmp_path)
     message = _bad_waterbirds("label out of range", data, rows)
     proc = aim_process("train", "--data", data, "--out", tmp_path / "run", *TINY)
@@ -211,8 +181,8 @@ def test_bad_data_in_a_fresh_process_prints_one_line_and_no_traceback(waterbirds
     assert not (tmp_path / "run").exists()
 
 
-def test_existing_run_is_not_overwritten_without_resume(waterbirds, tmp_path, capsys):
-    root, _ = waterbirds
+def test_existing_run_is_not_overwritten_without_resume(waterbirds_dataset, tmp_path, capsys):
+    root, _ = waterbirds_dataset
     args = ["train", "--data", str(root), "--out", str(tmp_path), "--epochs", "1", *TINY]
     assert main(args) == 0
     before = (tmp_path / "last.pt").read_bytes()
@@ -221,11 +191,11 @@ def test_existing_run_is_not_overwritten_without_resume(waterbirds, tmp_path, ca
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
-def test_resume_after_sigkill_ends_bit_identical(waterbirds, tmp_path):
+def test_resume_after_sigkill_ends_bit_identical(waterbirds_dataset, tmp_path):
     """A real process killed with SIGKILL as soon as its first checkpoint is on disk (so in
     epoch 2, or between epochs), then resumed, must end with exactly the weights, optimizer
     state and log of an uninterrupted run."""
-    root, _ = waterbirds
+    root, _ = waterbirds_dataset
     args = ["train", "--data", str(root), "--epochs", "3", *TINY]
     killed = tmp_path / "killed"
     proc = aim_process(*args, "--out", killed)
@@ -253,10 +223,10 @@ def test_resume_after_sigkill_ends_bit_identical(waterbirds, tmp_path):
     assert strip(read_log(killed)) == strip(read_log(uninterrupted))
 
 
-def test_loader_workers_do_not_change_the_result(waterbirds, tmp_path):
+def test_loader_workers_do_not_change_the_result(waterbirds_dataset, tmp_path):
     """Each sample's augmentation is seeded by (seed, epoch, index), so decoding in 2 worker
     processes trains exactly as decoding in this one does."""
-    root, _ = waterbirds
+    root, _ = waterbirds_dataset
     args = ["train", "--data", str(root), "--epochs", "1", *TINY]
     assert main(args + ["--out", str(tmp_path / "inline")]) == 0
     assert main(args + ["--out", str(tmp_path / "workers"), "--workers", "2"]) == 0
@@ -264,7 +234,7 @@ def test_loader_workers_do_not_change_the_result(waterbirds, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_progress_bar_on_a_terminal_only(waterbirds, tmp_path, capsys):
+def test_progress_bar_on_a_terminal_only(waterbirds_dataset, tmp_path, capsys):
     """A tqdm bar with running loss and images/s when stdout is a terminal (a pseudo-terminal
     here); none when it is not (the in-process runs above print only the summary lines)."""
     import fcntl
@@ -272,7 +242,7 @@ def test_progress_bar_on_a_terminal_only(waterbirds, tmp_path, capsys):
     import struct
     import termios
 
-    root, _ = waterbirds
+    root, _ = waterbirds_dataset
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
     # Redraw on every step: a fast epoch otherwise ends within tqdm's 0.1 s refresh interval, showing only "0%".
@@ -300,11 +270,11 @@ def test_progress_bar_on_a_terminal_only(waterbirds, tmp_path, capsys):
     assert "it/s" not in captured.out + captured.err and "epoch 1/1 | loss" in captured.out
 
 
-def test_backbone_frozen_epochs_leave_the_backbone_weights_and_train_the_rest(waterbirds, tmp_path):
+def test_backbone_frozen_epochs_leave_the_backbone_weights_and_train_the_rest(waterbirds_dataset, tmp_path):
     from aim.config import TrainConfig
     from aim.checkpoint import build_model
 
-    root, _ = waterbirds
+    root, _ = waterbirds_dataset
     runs = {}
     for frozen in (1, 0):
         run = tmp_path / f"frozen{frozen}"
@@ -321,8 +291,8 @@ def test_backbone_frozen_epochs_leave_the_backbone_weights_and_train_the_rest(wa
 
 
 @pytest.mark.parametrize("budget", ["eval", "fixed"])
-def test_fixed_mask_budget_follows_the_annealed_tau_and_eval_masks_keep_it(waterbirds, tmp_path, budget):
-    root, _ = waterbirds
+def test_fixed_mask_budget_follows_the_annealed_tau_and_eval_masks_keep_it(waterbirds_dataset, tmp_path, budget):
+    root, _ = waterbirds_dataset
     run = tmp_path / budget
     assert main(["train", "--data", str(root), "--out", str(run), "--epochs", "2", "--mask-budget", budget,
                  "--target", "0.3", *TINY]) == 0

@@ -5,15 +5,7 @@ import torch
 
 import aim.app.train
 from aim.app.cli import main
-from test_train import TINY, read_log
-from tiny_datasets import make_waterbirds
-
-
-@pytest.fixture(scope="module")
-def waterbirds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("waterbirds")
-    make_waterbirds(str(root))
-    return root
+from tiny_runs import TINY, read_log
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,7 @@ import torchvision
 import aim
 from aim.nn.backbones import build_backbone, load_backbone_weights
 from aim.app.cli import main
-from test_train import TINY, read_log
-from tiny_datasets import make_waterbirds
-
-
-@pytest.fixture(scope="module")
-def waterbirds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("waterbirds")
-    make_waterbirds(str(root))
-    return root
+from tiny_runs import TINY, read_log
 
 
 @pytest.mark.parametrize("name", ["resnet18", "convnext_tiny"])

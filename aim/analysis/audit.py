@@ -141,10 +141,10 @@ def contributions_at(contributions, size):
     """c_p spread evenly over the image pixels of p's nearest-upsampling footprint, (N, H, W):
     the per-pixel decision map, which sums to the same total (each cell's footprint is the set of
     pixels that ``F.interpolate(..., mode="nearest")`` maps to it)."""
-    from aim.nn.topdown import _footprint_counts
+    from aim.nn.topdown import footprint_counts
 
     h, w = contributions.shape[-2:]
-    counts = _footprint_counts((h, w), [size]).to(contributions.device, contributions.dtype)
+    counts = footprint_counts((h, w), [size]).to(contributions.device, contributions.dtype)
     return F.interpolate((contributions / counts)[:, None], size=size, mode="nearest")[:, 0]
 
 

@@ -1,4 +1,4 @@
-"""``aim demo``: the spurious-correlation protocol of issue 11 on the embedded benchmark, for one
+"""``aim demo``: the spurious-correlation protocol on the embedded benchmark, for one
 seed (:mod:`aim.app.study`, through the training loop and evaluation of ``aim train`` / ``aim eval``):
 pretrain a small backbone on an unbiased generated set (cached), fine-tune the baseline and AIM
 from it on the biased task, select each on val worst-group accuracy, and compare them on the

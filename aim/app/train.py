@@ -29,7 +29,7 @@ from aim.app.evaluate import evaluate, group_counts, mask_stage_names, selection
 from aim.nn.model import logits_of
 from aim.checkpoint import (CHECKPOINT_FORMAT, atomic_write, build_model, build_run_backbone, non_finite_tensors,
                             read_checkpoint, remove_stale_temporaries, save_json)
-from aim.config import AMP_DTYPES, RESUMABLE_CHANGES, TrainConfig, saved_config
+from aim.config import AMP_DTYPES, REMOVED_SETTINGS, RESUMABLE_CHANGES, TrainConfig, saved_config
 from aim.data import SeededSampler
 from aim.distributed import Distributed
 from aim.errors import DataError, UsageError
@@ -147,7 +147,7 @@ def _fit(config, train_set, val_set, resume, ranks, log):
     optimizer = make_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
-    schedule = MaskAnnealing(config.target, config.anneal_epochs, warmup_epochs=config.warmup_epochs)
+    schedule = MaskAnnealing(config.target, config.anneal_epochs)
     criterion = AIMLoss(stage_weight=config.stage_loss_weight, per_image_mask_loss=config.per_image_mask_loss)
     history, best, start_epoch = [], None, 0
     if checkpoint is not None:
@@ -179,7 +179,6 @@ def _fit(config, train_set, val_set, resume, ranks, log):
         set_train_mode(model, config.freeze_bn)
         tau = schedule(epoch)
         if is_aim:
-            raw_model.topdown.gumbel_noise = epoch < config.epochs - config.noise_off_epochs
             if config.mask_budget != "loss":  # the masks keep the annealed tau (this epoch's val; training too with "fixed")
                 raw_model.topdown.active_fraction.fill_(tau)
         backbone_frozen = epoch < config.backbone_frozen_epochs
@@ -252,6 +251,10 @@ def _resume_point(config, resume, last_path, ranks):
     if not exists:
         raise UsageError(f"--resume: {last_path}: no such file")
     checkpoint = read_checkpoint(last_path, f"--resume: {last_path}")
+    used = [f"--{k.replace('_', '-')} {checkpoint['config'][k]}" for k, off in REMOVED_SETTINGS.items()
+            if checkpoint["config"].get(k, off) != off]
+    if used:
+        raise UsageError(f"--resume: the run in {config.out} used {', '.join(used)}, a setting this version no longer has")
     saved = saved_config(checkpoint)
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(config).items()
                if k not in RESUMABLE_CHANGES and saved.get(k, getattr(TrainConfig, k)) != v]
@@ -333,10 +336,10 @@ def command_train(args):
             raise DataError(f"{config.data}: the {split} split has no images of class{'es' if len(missing) > 1 else ''} "
                             f"{', '.join(missing)}; training and selecting best.pt need every class in train and val")
     if os.environ.get("RANK", "0") == "0":
-        annealed_by = config.warmup_epochs + config.anneal_epochs
+        annealed_by = config.anneal_epochs
         if config.model == "aim" and config.epochs <= annealed_by:
-            last_tau = MaskAnnealing(config.target, config.anneal_epochs, warmup_epochs=config.warmup_epochs)(config.epochs - 1)
-            print(f"note: tau reaches --target {config.target} in epoch {annealed_by + 1} (--warmup-epochs + --anneal-epochs); "
+            last_tau = MaskAnnealing(config.target, config.anneal_epochs)(config.epochs - 1)
+            print(f"note: tau reaches --target {config.target} in epoch {annealed_by + 1} (--anneal-epochs); "
                   f"this run ends at tau {last_tau:.2f}: pass --epochs {annealed_by + 1} or more, or a smaller --anneal-epochs",
                   flush=True)
         print(f"data: {config.data} ({type(train_set).__name__}), {len(train_set)} train / {len(val_set)} val images, "

@@ -60,7 +60,7 @@ SHAPES.update({
     "hexagon": lambda u, v: (v.abs() <= 0.866) & (u.abs() + v.abs() / 1.732 <= 1),
 })
 FINETUNE_CLASSES = {"pointed": ("star", "arrow", "chevron"), "rounded": ("crescent", "ellipse", "hexagon")}
-# The study's harder variant: the pretraining pair the pretrained backbone confuses most (issue 11).
+# The study's harder variant: the pretraining pair the pretrained backbone confuses most.
 HARDER_CLASSES = {"disk": ("disk",), "diamond": ("diamond",)}
 SMALL_AREA_RANGE = (0.02, 0.05)  # the study's harder task: smaller objects, the background's area grows
 AREA_RANGE = (0.06, 0.14)  # object area / image area, uniform, the same for every class

@@ -299,7 +299,7 @@ class FusedTopDownMask(nn.Module):
             if pool_stage_outputs:
                 divisor = self._pool_divisor([mask], mask.shape[-2:])
                 if sparse:  # the lateral map was never materialized: pool through the 1x1 conv
-                    pooled[run_names[i]] = _pooled_lateral(self.lateral[i], stage, mask / divisor[:, :, None, None])
+                    pooled[run_names[i]] = pooled_lateral(self.lateral[i], stage, mask / divisor[:, :, None, None])
                 else:
                     masked_sum = torch.bmm(lateral.flatten(2), mask.flatten(2).transpose(1, 2)).squeeze(2)
                     pooled[run_names[i]] = masked_sum / divisor
@@ -330,10 +330,10 @@ class FusedTopDownMask(nn.Module):
         for i, (name, mask) in enumerate(zip(run_names, masks)):
             stage = x[name]
             h, w = mask.shape[-2:]
-            pooled[name] = _pooled_lateral(self.lateral[i], stage, mask / self._pool_divisor([mask], (h, w))[:, :, None, None])
+            pooled[name] = pooled_lateral(self.lateral[i], stage, mask / self._pool_divisor([mask], (h, w))[:, :, None, None])
             sizes = [x[n].shape[-2:] for n in reversed(run_names[:i])]  # the upsampling steps down to F_depth
-            footprint = _footprint_counts((h, w), sizes).to(device=mask.device, dtype=mask.dtype)
-            pooled_final = pooled_final + _pooled_lateral(self.lateral[i], stage, mask * footprint / final_divisor)
+            footprint = footprint_counts((h, w), sizes).to(device=mask.device, dtype=mask.dtype)
+            pooled_final = pooled_final + pooled_lateral(self.lateral[i], stage, mask * footprint / final_divisor)
         return _ordered(dict(zip(run_names, masks)), run_names), _ordered(pooled, run_names), pooled_final
 
     def pool_final(self, features, masks):
@@ -432,7 +432,7 @@ def top_fraction_mask(logits, fraction):
     return (ranks < _budget_count(fraction, positions)).to(logits.dtype).view_as(logits)
 
 
-def _pooled_lateral(conv, stage, weights):
+def pooled_lateral(conv, stage, weights):
     """sum over positions p of weights(p) * conv(stage)(p), for a 1x1 conv, without computing
     conv(stage): conv.weight @ (sum_p weights(p) stage(p)) + conv.bias * sum_p weights(p)."""
     weighted_sum = torch.bmm(stage.flatten(2), weights.flatten(2).transpose(1, 2)).squeeze(2)
@@ -440,7 +440,7 @@ def _pooled_lateral(conv, stage, weights):
     return out + weights.sum(dim=(1, 2, 3))[:, None] * conv.bias
 
 
-def _footprint_counts(size, finer_sizes):
+def footprint_counts(size, finer_sizes):
     """(h, w) map: how many positions of the last of finer_sizes each position of a (h, w) map
     reaches through successive nearest upsamplings (F.interpolate's rule) to each size. The
     rule is separable, so per axis: a 1-D nearest upsampling of the source indices, counted

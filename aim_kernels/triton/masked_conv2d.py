@@ -26,7 +26,7 @@ import triton.language as tl
 
 from aim_kernels._library import memory_format_of
 from aim_kernels.masked_conv2d import validate
-from aim_kernels.triton.topdown_merge import LaunchPlan, _acc_dtype, axis_tables
+from aim_kernels.triton.topdown_merge import LaunchPlan, acc_dtype, axis_tables
 
 # Tile and warps per element size. float16/bfloat16 run tl.dot on tensor cores;
 # float32 ("ieee", no TF32) and float64 on FMA units with the operands in registers, where a
@@ -188,7 +188,7 @@ def plan_masked_conv2d(x, weight, bias, mask, prev, stride, padding, dilation, g
     else:  # never dereferenced: HAS_PREV=False compiles the prev path out
         prev, src_y, src_x, prev_strides, ws = out, active, active, (0, 0, 0, 0), 1
     geometry = [*stride, *padding, *dilation]
-    common = dict(HAS_BIAS=bias is not None, HAS_PREV=has_prev, ACC=_acc_dtype(x.dtype))
+    common = dict(HAS_BIAS=bias is not None, HAS_PREV=has_prev, ACC=acc_dtype(x.dtype))
     bias_arg = bias if bias is not None else out
     if groups == 1:
         w_taps = weight.permute(2, 3, 1, 0).reshape(kh * kw * c, c_out).contiguous()  # row t * C + ci

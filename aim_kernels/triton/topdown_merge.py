@@ -200,7 +200,7 @@ def _strides(t, fmt):
     return c * h * w, 1, (h * w if c > 1 else 0)
 
 
-def _acc_dtype(dtype):
+def acc_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -277,7 +277,7 @@ def plan_forward(feat, mask, prev):
     pixel_blocks, channel_blocks = triton.cdiv(h * w, block_p), triton.cdiv(c, block_c)
     args = [out, feat, mask, prev, src_y, src_x, c, h * w, w, ws,
             *_strides(feat, fmt), *_strides(mask, fmt), *prev_strides, pixel_blocks, channel_blocks]
-    constexprs = dict(HAS_PREV=has_prev, ACC=_acc_dtype(feat.dtype), BLOCK_P=block_p, BLOCK_C=block_c)
+    constexprs = dict(HAS_PREV=has_prev, ACC=acc_dtype(feat.dtype), BLOCK_P=block_p, BLOCK_C=block_c)
     plan = LaunchPlan(_merge_forward_kernel, (n * pixel_blocks * channel_blocks,), args, constexprs, FORWARD_NUM_WARPS)
     return plan, out
 
@@ -335,7 +335,7 @@ def plan_backward(grad_out, feat, mask, mask_channels, prev_size):
             grad_out if mask is None else mask, begin_y, begin_x, c, w, hs, ws, longest_x, slots,
             *_strides(grad_out, fmt), *_strides(grad_out.new_empty((n, mask_channels, h, w)) if mask is None else mask, fmt),
             *prev_strides, source_blocks, channels_per_program, n * h * w]
-    constexprs = dict(HAS_PREV=has_prev, MASK_FULL=mask_full, ACC=_acc_dtype(grad_out.dtype),
+    constexprs = dict(HAS_PREV=has_prev, MASK_FULL=mask_full, ACC=acc_dtype(grad_out.dtype),
                       BLOCK_S=block_s, BLOCK_K=block_k, BLOCK_C=block_c, GRAD_FEAT=mask is not None, GRAD_MASK=feat is not None)
     plan = LaunchPlan(_merge_backward_kernel, (n * source_blocks, chunks), args, constexprs, BACKWARD_NUM_WARPS,
                       BACKWARD_MAX_REGISTERS)
