@@ -2,7 +2,7 @@
 classifier: AIM's train step and inference over the plain torchvision classifier's, the default
 ``aim.AIM(name, num_classes=2, depth=2)``, batch 8, one thread.
 
-    python benchmarks/bench_aim_speedups.py [--quick] [--backbones NAME ...] [--rounds R]
+    python benchmarks/bench_aim_speedups.py [--quick] [--backbones NAME ...] [--rounds R] [--pathway-only]
 
 Variants, all timed round-robin in the same process (common.time_interleaved):
 - "plain": the torchvision classifier (aim.profiling.plain_classifier);
@@ -11,7 +11,9 @@ Variants, all timed round-robin in the same process (common.time_interleaved):
 - "aim": AIM as shipped (the switches at their defaults);
 - "plain channels_last", "aim channels_last": both models and the images in channels_last
   ("channels_last end to end": the user's choice of layout, applied to both alike).
-A train step and inference as in bench_backbones.py. Writes
+A train step and inference as in bench_backbones.py; then "inference, pathway only": AIM's
+top-down pathway alone on the backbone's stage maps, before and after, its aim_over_plain
+1 + pathway / plain inference (what the pathway adds to the plain model). Writes
 benchmarks/results/aim_speedups[_quick].{json,csv}.
 """
 import argparse
@@ -43,7 +45,7 @@ def with_switches_off(model):
     return before
 
 
-def measure(name, image_size, s, rounds):
+def measure(name, image_size, s, rounds, pathway_only=False):
     torch.manual_seed(0)
     shipped = aim.AIM(build_backbone(name, stages_used=s["depth"]), num_classes=s["num_classes"], depth=s["depth"])
     plain = plain_classifier(name, s["num_classes"], image_size)
@@ -55,7 +57,7 @@ def measure(name, image_size, s, rounds):
     images_cl = images.contiguous(memory_format=cl)
     labels = torch.randint(0, s["num_classes"], (s["batch"],))
     rows = []
-    for mode in ("train step", "inference"):
+    for mode in () if pathway_only else ("train step", "inference"):
         steps = {}
         for kind, model in models.items():
             model.train(mode == "train step")
@@ -68,7 +70,33 @@ def measure(name, image_size, s, rounds):
             rows.append({"backbone": name, "image_size": image_size, "batch": s["batch"], "mode": mode, "provider": kind,
                          "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
                          "aim_over_plain": ms[kind] / ms[baseline], "before_over_this": ms["aim before"] / ms[kind]})
+    rows += measure_pathway(name, models, images, s, rounds)
     return rows
+
+
+def measure_pathway(name, models, images, s, rounds):
+    """Inference of AIM's pathway alone (everything after the backbone) on the same stage maps,
+    before and after, with the plain model's inference as the yardstick: the whole-model
+    timings above cannot resolve a few percent on a loaded machine, this can (3x the rounds)."""
+    from aim.nn.backbones import as_stage_dict
+
+    shipped, before, plain = models["aim"].eval(), models["aim before"].eval(), models["plain"].eval()
+    with torch.no_grad():
+        stages = as_stage_dict(shipped.backbone(images))
+
+    def after_backbone(model):
+        def run():
+            with torch.no_grad():
+                model.topdown.pooled_outputs(stages)
+        return run
+    times = common.time_interleaved({"plain": inference(plain, images), "aim before": after_backbone(before),
+                                     "aim": after_backbone(shipped)}, rounds=3 * rounds, warmup=2)
+    ms = {kind: t["median_ms"] for kind, t in times.items()}
+    return [{"backbone": name, "image_size": images.shape[-1], "batch": s["batch"], "mode": "inference, pathway only",
+             "provider": kind, "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
+             "aim_over_plain": 1 + ms[kind] / ms["plain"] if kind != "plain" else 1.0,
+             "before_over_this": ms["aim before"] / ms[kind] if kind != "plain" else None}
+            for kind, t in times.items()]
 
 
 def main():
@@ -78,6 +106,7 @@ def main():
                         help="of %(default)s (each at its image size)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1, as bench_backbones.py)")
+    parser.add_argument("--pathway-only", action="store_true", help="only the pathway-alone inference timing")
     args = parser.parse_args()
     missing = {k: v for k, v in common.ALLOCATOR_SETTINGS["no-alloc-faults"].items() if k not in os.environ}
     if missing:  # glibc reads them at process start only
@@ -87,12 +116,12 @@ def main():
     sizes = dict(CASES)
     rows = []
     for name in args.backbones:
-        rows += measure(name, s.get("image_size", sizes.get(name, 224)), s, args.rounds or s["rounds"])
+        rows += measure(name, s.get("image_size", sizes.get(name, 224)), s, args.rounds or s["rounds"], args.pathway_only)
         print(f"{name}: done", flush=True)
     common.print_table(rows, ["backbone", "image_size", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "aim_over_plain",
                               "before_over_this"])
     meta = {**common.machine_info(), "settings": s}
-    print("wrote", *common.write_results("aim_speedups" + ("_quick" if args.quick else ""), rows, meta))
+    print("wrote", *common.write_results("aim_speedups" + ("_pathway" if args.pathway_only else "") + ("_quick" if args.quick else ""), rows, meta))
 
 
 if __name__ == "__main__":
