@@ -3,6 +3,7 @@ top-down merge) against the dense composition conv2d + topdown_merge and torch.c
 at the stage shapes of ResNet-50 and ConvNeXt-T at 224x224, batch 8.
 
     python benchmarks/bench_masked_conv2d.py [--threads N] [--rounds R] [--quick] [--cases SUBSTRING]
+        [--baseline-column-bytes BYTES]
 
 Per shape and layout, one interleaved timing of: "dense" (F.conv2d + aim_kernels.topdown_merge),
 "torch.compile" (of the dense composition), and at each density 0.05 .. 1.0 "masked_conv2d"
@@ -50,17 +51,24 @@ QUICK_CASES = [("quick 3x3 64->32", 64, 32, 3, 1, 14), ("quick dw7x7 32", 32, 32
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def sparse_forced(fn):
+COLUMN_BYTES = "AIM_KERNELS_MASKED_CONV_COLUMN_BYTES"
+
+
+def sparse_forced(fn, column_bytes=None):
+    """fn with the sparse kernel forced at every density (and its column budget set, if given)."""
+    forced = {FORCE_SPARSE: "2", **({COLUMN_BYTES: str(column_bytes)} if column_bytes else {})}
+
     def run():
-        os.environ[FORCE_SPARSE] = "2"
+        os.environ.update(forced)
         try:
             return fn()
         finally:
-            del os.environ[FORCE_SPARSE]
+            for key in forced:
+                del os.environ[key]
     return run
 
 
-def child(quick, rounds, only):
+def child(quick, rounds, only, baseline_column_bytes=None):
     torch.manual_seed(0)
     compiled = torch.compile(reference.masked_conv2d, dynamic=False)
     rows = []
@@ -82,6 +90,8 @@ def child(quick, rounds, only):
                 op = lambda m=m: aim_kernels.masked_conv2d(x, w, b, m, prev, padding=pad, groups=groups)  # noqa: E731
                 fns[("masked_conv2d", d)] = op
                 fns[("sparse", d)] = sparse_forced(op)
+                if baseline_column_bytes:  # the sparse kernel with another column budget, in the same rounds
+                    fns[(f"sparse, {baseline_column_bytes} column bytes", d)] = sparse_forced(op, baseline_column_bytes)
             with torch.no_grad():
                 stats = common.time_interleaved(fns, rounds=rounds)
             dense_ms, compile_ms = stats[("dense", None)]["median_ms"], stats[("torch.compile", None)]["median_ms"]
@@ -118,11 +128,13 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--cases", default="", help="only the cases whose label contains this (e.g. target)")
+    parser.add_argument("--baseline-column-bytes", type=int, default=None,
+                        help="also time the sparse kernel with this column budget (AIM_KERNELS_MASKED_CONV_COLUMN_BYTES)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if os.environ.get(common.CHILD_ENV_FLAG):
-        return child(args.quick, args.rounds, args.cases)
+        return child(args.quick, args.rounds, args.cases, args.baseline_column_bytes)
     rows = [r for part in common.run_under_both_allocators(__file__, sys.argv[1:]) for r in part]
     common.print_table(rows, ["allocator", "threads", "case", "layout", "provider", "density", "median_ms",
                               "x_vs_dense", "x_vs_compile", "frac_of_ideal"])
@@ -131,7 +143,8 @@ def main():
         print(f"  {allocator} {case} {layout}: {density}")
     meta = common.machine_info()
     stem = ("masked_conv2d" + ("_quick" if args.quick else "") + (f"_t{args.threads}" if args.threads else "")
-            + (f"_{args.cases.replace(' ', '_')}" if args.cases else ""))
+            + (f"_{args.cases.replace(' ', '_')}" if args.cases else "")
+            + (f"_vs_columns{args.baseline_column_bytes}" if args.baseline_column_bytes else ""))
     paths = common.write_results(stem, rows, meta)
     print("wrote", *paths)
 

@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -29,13 +30,22 @@
 namespace aim_kernels {
 namespace {
 
-// Rows per chunk: the column matrix within this machine's 2 MB L2 per core, and 64..256 rows,
-// where MKL's sgemm runs at 190-225 GFLOPS on one core for K = 384..3456 (32 rows: 140-200).
-constexpr int64_t kColumnBytes = 2 << 20;
+// Rows per chunk: 64..256 rows, where MKL's sgemm runs at 190-225 GFLOPS on one core for
+// K = 384..3456 (32 rows: 140-200) on the Xeon (2 MB L2), and the column matrix within
+// kColumnBytes. 4 MB: on the AMD EPYC (Zen 3, AVX2, 512 KB L2: no chunk of 64+ rows at K = 3456
+// fits it either way) sgemm at (rows x 3456) x (3456 x 256) ran at 58 GFLOPS with 144 rows, 71
+// with 256 (the 2 MB bound gave 144); AIM_KERNELS_MASKED_CONV_COLUMN_BYTES overrides it, for
+// benchmarks/bench_masked_conv2d.py to compare settings in one process.
+constexpr int64_t kColumnBytes = 4 << 20;
 constexpr int64_t kMinRows = 64, kMaxRows = 256;
 
+int64_t column_bytes() {
+  const char* forced = std::getenv("AIM_KERNELS_MASKED_CONV_COLUMN_BYTES");
+  return forced ? std::max<int64_t>(1, std::atoll(forced)) : kColumnBytes;
+}
+
 int64_t rows_per_chunk(int64_t K, int64_t elem_size, int64_t active) {
-  int64_t rows = kColumnBytes / std::max<int64_t>(1, K * elem_size);
+  int64_t rows = column_bytes() / std::max<int64_t>(1, K * elem_size);
   rows = std::clamp<int64_t>(rows / 16 * 16, kMinRows, kMaxRows);
   // at least two chunks per thread when there is enough work, so threads finish together
   const int64_t balanced = (active + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
