@@ -130,9 +130,13 @@ def test_single_active_pixel_at_borders(monkeypatch, conv, layout):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("conv", [CONVS[0], CONVS[1], CONVS[5]], ids=lambda c: c[0])
-def test_many_chunks_across_images(monkeypatch, layout, conv):
-    # hundreds of active positions: several chunks, whose output ranges cross image boundaries
+@pytest.mark.parametrize("column_bytes", [None, "1", "100000000"], ids=["default-budget", "min-rows", "max-rows"])
+def test_many_chunks_across_images(monkeypatch, layout, conv, column_bytes):
+    # hundreds of active positions: several chunks, whose output ranges cross image boundaries;
+    # the column budget sets the rows per chunk (clamped to 64..256): every size gives the same result
     monkeypatch.setenv(FORCE_SPARSE, "2")
+    if column_bytes:
+        monkeypatch.setenv("AIM_KERNELS_MASKED_CONV_COLUMN_BYTES", column_bytes)
     _, _, _, k, stride, padding, dilation, groups = conv
     big = (conv[0], 24, 24 if groups > 1 else 40, k, stride, padding, dilation, 24 if groups > 1 else 1)
     x, w, b, mask, prev, kwargs = make_inputs(big, torch.float32, layout, n=3, hw=(23, 29), density=0.5)
