@@ -59,6 +59,12 @@ class MaskEstimator(nn.Module):
     position: it lets image-level context shift the whole mask up or down, which the mask loss
     on the active fraction needs. Adding it to the logit rather than to the hidden map before the
     1x1 conv is the same function class (the 1x1 conv is linear) with fewer parameters.
+
+    Inference speed (eval mode, the same function up to rounding): on CPU the input is made
+    channels_last (``eval_channels_last``), and under no_grad each conv-BatchNorm pair runs as
+    one convolution with the BatchNorm folded in (``fold_batchnorm``): the stem and block
+    submodules are then bypassed, so forward hooks on them do not run; set the attribute to
+    False to run them.
     """
 
     def __init__(self, in_channels, hidden_channels=128, num_blocks=3, initial_logit=INITIAL_MASK_LOGIT,
