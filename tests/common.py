@@ -32,3 +32,9 @@ def devices():
 
 
 cpu_and_cuda = pytest.mark.parametrize("device", devices(), indirect=True)
+
+
+def cuda_entries(op):
+    """The CUDA lines of the op's dispatch table: the active kernel first, then inactive ones."""
+    dump = torch._C._dispatch_dump(f"aim_kernels::{op}")
+    return [line for line in dump.splitlines() if line.startswith("CUDA")]

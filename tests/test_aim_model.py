@@ -10,7 +10,7 @@ from aim.nn.backbones import SmallConvNet, build_backbone
 from aim.data import batches, make_toy_split
 from aim.analysis.metrics import mask_active_fraction
 from aim.app.profiling import added_cost
-from test_aim_topdown import assert_gradients_close
+from pathway_inputs import assert_gradients_close
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,28 +8,10 @@ from torchvision.ops import FeaturePyramidNetwork
 
 import aim
 from aim.nn.topdown import MaskEstimator
-
-CHANNELS = [8, 12, 16, 24]
-# Odd sizes on purpose: the top-down upsampling is not an exact x2 between these stages.
-SIZES = [(23, 19), (12, 10), (6, 5), (3, 3)]
+from pathway_inputs import CHANNELS, assert_gradients_close, near_threshold, stage_maps
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def stage_maps(batch=2, channels=CHANNELS, sizes=SIZES, requires_grad=False, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    return OrderedDict(
-        (f"feat{i}", torch.randn(batch, c, h, w, generator=g, dtype=dtype).requires_grad_(requires_grad))
-        for i, (c, (h, w)) in enumerate(zip(channels, sizes))
-    )
-
-
-def near_threshold(module):
-    """Mask logits near 0 so a Gumbel sample differs visibly from the eval threshold."""
-    for estimator in module.mask_estimators:
-        torch.nn.init.zeros_(estimator.to_logit.bias)
-    return module
 
 
 def test_same_input_and_output_types_as_torchvision_fpn():
@@ -82,14 +64,6 @@ def test_output_is_the_topdown_recursion():
                 expected = expected + torch.nn.functional.interpolate(prev, size=stage.shape[-2:], mode="nearest")
             torch.testing.assert_close(out[names[i]], expected)
             prev = expected
-
-
-def assert_gradients_close(fused, ref):
-    """Gradients differ in the last float32 bits: the kernels sum grad_prev over upsampling
-    footprints and evaluate the straight-through sigmoid in another order than autograd, and
-    the conv weight gradients then sum thousands of such terms, so an entry whose sum cancels
-    can be off relatively but never by more than a small fraction of the tensor's scale."""
-    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5 * max(1.0, ref.abs().max().item()))
 
 
 def _run(module, x, seed):

@@ -12,8 +12,8 @@ import torch
 
 import aim_kernels
 from aim_kernels import _cuda_backend, _extension
-from test_masked_conv2d import CONVS, DTYPES, FORCE_SPARSE, LAYOUTS, check_against_dense, make_inputs
-from test_topdown_merge_cuda import cuda_entries
+from masked_conv2d_checks import CONVS, DTYPES, FORCE_SPARSE, LAYOUTS, check_against_dense, make_inputs
+from common import cuda_entries
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

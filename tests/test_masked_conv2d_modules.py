@@ -24,7 +24,7 @@ import aim
 from aim.nn.backbones import SmallConvNet, as_stage_dict
 from aim.nn.topdown import footprint_counts
 from merge_checks import UNIT_ROUNDOFF
-from test_aim_topdown import CHANNELS, near_threshold, stage_maps
+from pathway_inputs import CHANNELS, near_threshold, stage_maps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from interpreter import needs_interpreter, not_in_subprocess, run_under_interpreter
-from test_masked_conv2d import CONVS, DTYPES, FORCE_SPARSE, LAYOUTS, check_against_dense, make_inputs
+from masked_conv2d_checks import CONVS, DTYPES, FORCE_SPARSE, LAYOUTS, check_against_dense, make_inputs
 
 
 @not_in_subprocess

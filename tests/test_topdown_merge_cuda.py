@@ -20,18 +20,13 @@ import torch
 
 import aim_kernels
 from aim_kernels import _cuda_backend, _extension
+from common import cuda_entries
 from merge_checks import check_backward, check_forward
 
 OPS = ("topdown_merge", "topdown_merge_backward")
 HAS_TRITON = _cuda_backend.unavailable_reason("triton") is None
 BUILT_WITH_CUDA = _extension.ext_has_cuda()
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def cuda_entries(op):
-    """The CUDA lines of the op's dispatch table: the active kernel first, then inactive ones."""
-    dump = torch._C._dispatch_dump(f"aim_kernels::{op}")
-    return [line for line in dump.splitlines() if line.startswith("CUDA")]
 
 
 def active_cuda_entry(op):
