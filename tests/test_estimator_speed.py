@@ -107,16 +107,17 @@ def test_train_mode_is_untouched():
     slow = switched_off(est)
     x = torch.randn(4, 24, 6, 6)
     assert torch.equal(est(x), slow(x))
-    assert est._folded is None
 
 
 def test_swapped_layers_fall_back_to_the_modules():
+    """A layer the fold does not know (here BatchNorm replaced): the modules run, exactly as
+    with the switch off."""
     est = randomized_estimator()
     est.blocks[1].bn2 = nn.Identity()
-    assert est._folded_convs() is None
+    est.eval_channels_last = False
     x = torch.randn(2, 24, 5, 5)
     with torch.no_grad():
-        assert_as_close_as_the_original(est(x), switched_off(est)(x), switched_off(est).double()(x.double()))
+        assert torch.equal(est(x), switched_off(est)(x))
 
 
 @pytest.mark.parametrize("mask_topdown_context", [True, False])
