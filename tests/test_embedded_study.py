@@ -132,7 +132,7 @@ def test_demo_runs_the_protocol_and_caches_the_pretrained_backbone(tmp_path, mon
     assert summary["records"]["aim"]["best_epoch"] == 2
     assert set(summary["table"]["aim"]["epg_masks"]) == {"2", "3"}
     assert summary["table"]["baseline"]["epg_masks"] == {}
-    assert [row["tau"] for row in summary["records"]["aim"]["val_curve"]] == [1.0, 0.25]
+    assert [row["tau"] for row in summary["records"]["aim"]["val_curve"]] == [1.0, 0.1]  # the demo's --target
     assert (tmp_path / "out" / "test_images.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {tmp_path / 'out' / 'report.html'}" in printed
     assert "<table id=\"accuracy\">" in (tmp_path / "out" / "report.html").read_text()
