@@ -158,7 +158,7 @@ def command_data(args):
 # prior, object-salient after pretraining).
 FINETUNE_DEFAULTS = dict(backbone=SMALL_BACKBONE, depth=2, target=0.1, topdown_channels=64, mask_channels=32,
                          temperature=1.0, epochs=12, anneal_epochs=0, batch_size=64, lr=5e-4, backbone_lr=None,
-                         weight_decay=1e-4, workers=0, select_annealed=True, preprocessing="raw", mask_budget="fixed",
+                         weight_decay=1e-4, workers=0, preprocessing="raw", mask_budget="fixed",
                          mask_saliency_prior=True)
 
 

@@ -230,7 +230,7 @@ def _fit(config, train_set, val_set, resume, ranks, log):
         history.append(row)
         score = selection_metric(val)
         # An AIM model whose masks have not reached the target is not AIM[depth, target] yet.
-        eligible = not (is_aim and config.select_annealed) or tau == schedule.target
+        eligible = not (is_aim and config.select_annealed and config.epochs > config.anneal_epochs) or tau == schedule.target
         improved = eligible and (best is None or score > best["score"])
         if improved:
             best = {"epoch": epoch + 1, "score": score}
@@ -340,7 +340,8 @@ def command_train(args):
         if config.model == "aim" and config.epochs <= annealed_by:
             last_tau = MaskAnnealing(config.target, config.anneal_epochs)(config.epochs - 1)
             print(f"note: tau reaches --target {config.target} in epoch {annealed_by + 1} (--anneal-epochs); "
-                  f"this run ends at tau {last_tau:.2f}: pass --epochs {annealed_by + 1} or more, or a smaller --anneal-epochs",
+                  f"this run ends at tau {last_tau:.2f}, so best.pt is chosen among all its epochs: pass --epochs "
+                  f"{annealed_by + 1} or more, or a smaller --anneal-epochs",
                   flush=True)
         print(f"data: {config.data} ({type(train_set).__name__}), {len(train_set)} train / {len(val_set)} val images, "
               f"{train_set.num_classes} classes" + (f", {train_set.num_groups} groups" if train_set.has_groups else ""), flush=True)
