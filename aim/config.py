@@ -77,6 +77,7 @@ class TrainConfig:
 
     topdown_channels: int = setting(256, "width of the top-down pathway", METHOD)
     mask_channels: int = setting(128, "width of each mask estimator", METHOD)
+    mask_blocks: int = setting(3, "residual blocks of each mask estimator (fewer: cheaper)", METHOD)
     temperature: float = setting(1.0, "Gumbel temperature", METHOD)
     initial_mask_logit: float = setting(2.0, "initial bias of the mask estimators' logits "
                                         "(aim.nn.topdown.INITIAL_MASK_LOGIT)", METHOD)
@@ -159,7 +160,7 @@ def check_device(device):
 
 
 # Settings that checkpoints written before they existed do not record, with the value those runs used.
-SETTINGS_BEFORE_THEY_EXISTED = {"mask_budget": "loss"}
+SETTINGS_BEFORE_THEY_EXISTED = {"mask_budget": "loss", "mask_blocks": 3}
 
 
 # Settings that no longer exist, with the value that meant "off": a checkpoint that recorded them

@@ -156,6 +156,9 @@ def test_mask_estimator_starts_mostly_active():
         (dict(target=1.5), "target"),
         (dict(in_channels_list=[]), "in_channels_list"),
         (dict(out_channels=0), "out_channels"),
+        (dict(mask_hidden_channels=0), "mask_hidden_channels must be a positive int"),
+        (dict(mask_blocks=-1), "mask_blocks must be an int >= 0"),
+        (dict(mask_blocks=1.5), "mask_blocks must be an int >= 0"),
     ],
 )
 def test_bad_configuration(kwargs, message):
@@ -207,3 +210,11 @@ def test_compiles_without_graph_breaks_including_last_masks(training):
     assert grads.keys() == grads_eager.keys() and "mask_estimators.0.to_logit.weight" in grads
     for name in grads_eager:
         assert torch.equal(grads[name], grads_eager[name]), name
+
+
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_mask_blocks_sets_the_estimators_depth_and_the_pathway_still_runs(blocks):
+    module = aim.FusedTopDownMask(CHANNELS, out_channels=8, depth=2, mask_hidden_channels=8, mask_blocks=blocks)
+    assert all(len(estimator.blocks) == blocks for estimator in module.mask_estimators)
+    features, masks = module(stage_maps(), return_masks=True)
+    assert list(features) == ["feat2", "feat3"] and all(m.shape[1] == 1 for m in masks.values())

@@ -178,6 +178,7 @@ class FusedTopDownMask(nn.Module):
         target: mask-annealing target (fraction of active mask entries the training schedule
             anneals to; read by ``aim.MaskAnnealing.for_model``).
         mask_hidden_channels: width of the mask estimators.
+        mask_blocks: residual blocks of each mask estimator (3, the paper's; fewer: cheaper).
         use_reference: run the plain-PyTorch reference ops (``aim_kernels.reference``) instead of
             the fused ops; same parameters and seed give the same outputs and gradients.
         sparse_eval: in eval mode, compute each lateral T_l only where its mask is active and
@@ -216,7 +217,7 @@ class FusedTopDownMask(nn.Module):
     def __init__(self, in_channels_list, out_channels, depth=None, temperature=1.0, target=0.25,
                  mask_hidden_channels=128, use_reference=False, sparse_eval=True,
                  initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=False, pooling="all",
-                 mask_saliency_prior=False, mask_budget="loss"):
+                 mask_saliency_prior=False, mask_budget="loss", mask_blocks=3):
         super().__init__()
         in_channels_list = list(in_channels_list)
         if not in_channels_list or not all(isinstance(c, int) and c > 0 for c in in_channels_list):
@@ -234,6 +235,10 @@ class FusedTopDownMask(nn.Module):
             raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if isinstance(mask_hidden_channels, bool) or not isinstance(mask_hidden_channels, int) or mask_hidden_channels < 1:
+            raise ValueError(f"mask_hidden_channels must be a positive int, got {mask_hidden_channels!r}")
+        if isinstance(mask_blocks, bool) or not isinstance(mask_blocks, int) or mask_blocks < 0:
+            raise ValueError(f"mask_blocks must be an int >= 0, got {mask_blocks!r}")
         if mask_budget not in MASK_BUDGETS:
             raise ValueError(f"mask_budget must be one of {', '.join(MASK_BUDGETS)}, got {mask_budget!r}")
         self.pooling = pooling
@@ -255,7 +260,7 @@ class FusedTopDownMask(nn.Module):
         context_channels = [out_channels if self.mask_topdown_context and i < depth - 1 else 0 for i in range(depth)]
         self.mask_saliency_prior = bool(mask_saliency_prior)
         self.mask_estimators = nn.ModuleList([
-            MaskEstimator(c + extra, mask_hidden_channels, initial_logit=initial_mask_logit,
+            MaskEstimator(c + extra, mask_hidden_channels, num_blocks=mask_blocks, initial_logit=initial_mask_logit,
                           saliency_channels=c if self.mask_saliency_prior else None)
             for c, extra in zip(run_channels, context_channels)])
         self.last_masks = None
