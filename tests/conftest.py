@@ -58,7 +58,7 @@ def restore_cuda_backend():
 
 @pytest.fixture
 def device(request):
-    """"cpu" or "cuda", with the CUDA backend a tests/common.py parameter names selected
+    """"cpu" or "cuda", with the CUDA backend a tests/device_matrix.py parameter names selected
     for the duration of the test."""
     import aim_kernels
 

@@ -15,7 +15,7 @@ from torch.func import grad, jacrev, vjp, vmap
 import aim
 import aim_kernels
 from aim_kernels import reference
-from common import cpu_and_cuda
+from device_matrix import cpu_and_cuda
 from tolerances import TOLERANCE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -206,7 +206,7 @@ def test_study_script_on_a_waterbirds_layout_folder(tmp_path):
 
     from aim.data.toy import make_toy_split, save_waterbirds_layout
 
-    # Loaded from its path: benchmarks/ on sys.path would shadow tests/common.py with benchmarks/common.py.
+    # Loaded from its path: it is a script of benchmarks/, not a module of a package.
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "study_spurious.py")
     spec = importlib.util.spec_from_file_location("study_spurious", script)
     study_spurious = importlib.util.module_from_spec(spec)

@@ -14,7 +14,7 @@ import aim_kernels
 from aim_kernels import reference
 from aim_kernels._extension import EXT_LOADED
 from aim_kernels._library import has_backend_kernel
-from common import cpu_and_cuda
+from device_matrix import cpu_and_cuda
 from tolerances import TOLERANCE
 
 op = torch.ops.aim_kernels.gumbel_binarize.default

@@ -13,7 +13,7 @@ import torch
 import aim_kernels
 from aim_kernels import _cuda_backend, _extension
 from masked_conv2d_checks import CONVS, DTYPES, FORCE_SPARSE, LAYOUTS, check_against_dense, make_inputs
-from common import cuda_entries
+from device_matrix import cuda_entries
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

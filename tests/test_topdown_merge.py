@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import aim_kernels
 from aim_kernels import reference
 import merge_checks
-from common import cpu_and_cuda
+from device_matrix import cpu_and_cuda
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 

@@ -20,7 +20,7 @@ import torch
 
 import aim_kernels
 from aim_kernels import _cuda_backend, _extension
-from common import cuda_entries
+from device_matrix import cuda_entries
 from merge_checks import check_backward, check_forward
 
 OPS = ("topdown_merge", "topdown_merge_backward")

@@ -1,7 +1,7 @@
 """The device/backend matrix every op test runs on, as torchvision's cpu_and_cuda().
 
 Use:
-    from common import cpu_and_cuda
+    from device_matrix import cpu_and_cuda
 
     @cpu_and_cuda
     def test_something(device):      # device: "cpu" or "cuda"
