@@ -235,9 +235,7 @@ def main():
     if args.print:
         with open(args.print) as f:
             return print_profile(json.load(f)["rows"])
-    missing = {k: v for k, v in common.ALLOCATOR_SETTINGS["no-alloc-faults"].items() if k not in os.environ}
-    if missing:  # glibc reads them at process start only
-        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **missing))
+    common.restart_without_allocation_faults()
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else SETTINGS
     sizes = dict(CASES)

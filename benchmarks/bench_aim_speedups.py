@@ -108,9 +108,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1, as bench_backbones.py)")
     parser.add_argument("--pathway-only", action="store_true", help="only the pathway-alone inference timing")
     args = parser.parse_args()
-    missing = {k: v for k, v in common.ALLOCATOR_SETTINGS["no-alloc-faults"].items() if k not in os.environ}
-    if missing:  # glibc reads them at process start only
-        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **missing))
+    common.restart_without_allocation_faults()
     torch.set_num_threads(args.threads)
     s = QUICK if args.quick else SETTINGS
     sizes = dict(CASES)

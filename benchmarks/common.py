@@ -171,6 +171,14 @@ def machine_info(device="cpu"):
     }
 
 
+def restart_without_allocation_faults():
+    """Re-execute this script with ALLOCATOR_SETTINGS["no-alloc-faults"] in its environment
+    unless it has them: glibc reads them at process start only."""
+    missing = {k: v for k, v in ALLOCATOR_SETTINGS["no-alloc-faults"].items() if k not in os.environ}
+    if missing:
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **missing))
+
+
 def run_under_both_allocators(script, extra_args):
     """Re-run `script` in a subprocess per allocator setting (they only take effect at process
     start); each child prints one JSON document on its last line."""

@@ -1,15 +1,6 @@
 """masked_conv2d against the dense composition topdown_merge(conv2d(x), mask, prev).
 
-Tolerance (where mask != 0), from how the two sides round. Each output is a dot product of
-L = kh * kw * C_in / groups products plus the bias; with S = sum of |x * w| + |b| (the dense
-convolution of |x| and |w|, in float64):
-- each side's accumulation (float32 for the half types, float64 for float64) is within
-  gamma_{L+1} * S of the exact sum, gamma_n = n u_acc / (1 - n u_acc) (Higham, Thm. 3.1),
-  and rounding the convolution to the dtype adds u * S: the two convolutions differ by at
-  most 2 (gamma_{L+1} + u) S;
-- that difference is multiplied by |mask|, and each side's merge (product, then sum) rounds
-  within 2u (|conv * mask| + |prev|): 4u (|mask| S + |prev|) for both.
-Where mask == 0 the output must be exactly the upsampled prev (or 0): torch.equal.
+The tolerance and how it is derived: masked_conv2d_checks.check_against_dense.
 """
 import pytest
 import torch
