@@ -29,7 +29,7 @@ def build_model(config, num_classes):
                temperature=config.temperature, use_reference=config.use_reference,
                initial_mask_logit=config.initial_mask_logit, mask_topdown_context=config.mask_topdown_context,
                pooling=config.pooling, mask_saliency_prior=config.mask_saliency_prior,
-               mask_budget=config.mask_budget, mask_blocks=config.mask_blocks)
+               mask_budget=config.mask_budget, mask_blocks=config.mask_blocks, mask_image=config.mask_image)
 
 
 def build_run_backbone(config):

@@ -78,6 +78,8 @@ class TrainConfig:
     topdown_channels: int = setting(256, "width of the top-down pathway", METHOD)
     mask_channels: int = setting(128, "width of each mask estimator", METHOD)
     mask_blocks: int = setting(3, "residual blocks of each mask estimator (fewer: cheaper)", METHOD)
+    mask_image: bool = setting(False, "run the backbone a second time on the image masked by the finest mask, so the "
+                               "classifiers read features of the kept pixels only (twice the backbone's cost)", METHOD)
     temperature: float = setting(1.0, "Gumbel temperature", METHOD)
     initial_mask_logit: float = setting(2.0, "initial bias of the mask estimators' logits "
                                         "(aim.nn.topdown.INITIAL_MASK_LOGIT)", METHOD)
@@ -160,7 +162,7 @@ def check_device(device):
 
 
 # Settings that checkpoints written before they existed do not record, with the value those runs used.
-SETTINGS_BEFORE_THEY_EXISTED = {"mask_budget": "loss", "mask_blocks": 3}
+SETTINGS_BEFORE_THEY_EXISTED = {"mask_budget": "loss", "mask_blocks": 3, "mask_image": False}
 
 
 # Settings that no longer exist, with the value that meant "off": a checkpoint that recorded them

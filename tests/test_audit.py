@@ -117,11 +117,11 @@ def test_leak_report_with_more_than_two_values_takes_the_most_predictive_one_vs_
     assert report["active_by_class"] == pytest.approx([0.2, 0.5, 0.2])
 
 
-def aim_model(pooling, context, sparse_eval=True, mask_budget="eval"):
+def aim_model(pooling, context, sparse_eval=True, mask_budget="eval", mask_image=False):
     torch.manual_seed(0)
     model = aim.AIM(SmallConvNet(), num_classes=3, depth=2, out_channels=8, mask_hidden_channels=4,
                     initial_mask_logit=0.0, pooling=pooling, mask_topdown_context=context, sparse_eval=sparse_eval,
-                    mask_budget=mask_budget)
+                    mask_budget=mask_budget, mask_image=mask_image)
     for i in range(model.topdown.depth):  # a freshly initialized estimator's masks are all on or all off
         model.topdown.mask_estimators[i] = MedianSplit()
     return model.double().eval()
@@ -133,8 +133,9 @@ def images(n=4, size=37):  # odd size: the nearest upsampling footprints are une
 
 @pytest.mark.parametrize("pooling", aim.nn.topdown.POOLINGS)
 @pytest.mark.parametrize("context", [False, True])
-def test_aim_decision_is_exactly_the_sum_of_its_contributions_and_the_bias(pooling, context):
-    model, x = aim_model(pooling, context), images()
+@pytest.mark.parametrize("mask_image", [False, True])
+def test_aim_decision_is_exactly_the_sum_of_its_contributions_and_the_bias(pooling, context, mask_image):
+    model, x = aim_model(pooling, context, mask_image=mask_image), images()
     result = audit.decision_contributions(model, x)
     logits = model(x).logits  # the sparse eval path: the audit explains the model's own logits
     torch.testing.assert_close(result["logits"], logits, rtol=0, atol=IDENTITY_ATOL)

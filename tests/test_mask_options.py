@@ -235,3 +235,86 @@ def test_mask_budget_is_validated_and_plumbed():
     from aim.errors import UsageError
     with pytest.raises(UsageError, match="--mask-budget"):
         TrainConfig(mask_budget="soft").check()
+
+
+def mask_image_model(mask_image, **kwargs):
+    torch.manual_seed(0)
+    return aim.AIM(SmallConvNet(), num_classes=3, out_channels=8, mask_hidden_channels=8, mask_budget="fixed", target=0.25,
+                   mask_saliency_prior=True, mask_image=mask_image, **kwargs).double()
+
+
+@pytest.mark.parametrize("mask_image", [False, True])
+def test_with_mask_image_the_decision_has_no_gradient_outside_the_finest_mask(mask_image):
+    # Eval masks are a detached top-k, so the logits' gradient to the pixels is the features'
+    # alone: with mask_image it is exactly 0 wherever the finest mask (upsampled) is off; without
+    # it the receptive fields of the kept positions reach pixels there.
+    model = mask_image_model(mask_image).eval()
+    images = torch.rand(2, 3, 40, 40, dtype=torch.float64, requires_grad=True)
+    output = model(images)
+    output.logits.sum().backward()
+    keep = torch.nn.functional.interpolate(next(iter(output.masks.values())), size=(40, 40), mode="nearest")[:, 0]
+    assert 0 < int(keep.sum()) < keep.numel()
+    outside = images.grad.abs().sum(1)[keep == 0]
+    inside = images.grad.abs().sum(1)[keep == 1]
+    assert float(inside.max()) > 0
+    assert (float(outside.max()) == 0) == mask_image
+
+
+def test_mask_image_runs_the_backbone_on_the_masked_image_under_the_masks_of_the_whole_one():
+    model = mask_image_model(True).eval()
+    images = torch.rand(2, 3, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        stages, masks = model.classifier_stages(images)
+        whole = model.topdown.run(aim.nn.backbones.as_stage_dict(model.backbone(images))).masks
+        for name in whole:
+            assert torch.equal(masks[name], whole[name])
+        keep = torch.nn.functional.interpolate(next(iter(whole.values())), size=(40, 40), mode="nearest")
+        for got, expected in zip(stages.values(), model.backbone(images * keep)):
+            assert torch.equal(got, expected)
+        sparse = model(images)
+        model.topdown.sparse_eval = False
+        dense = model(images)
+    for name in masks:
+        assert torch.equal(sparse.masks[name], masks[name]) and torch.equal(dense.masks[name], masks[name])
+    torch.testing.assert_close(sparse.logits, dense.logits, rtol=0, atol=1e-12)
+
+
+def test_mask_image_trains_the_finest_mask_through_the_masked_image_too():
+    # The finest mask's gradient is the feature pathway's (as without mask_image) plus the
+    # masked image's: computed again with the second pass's stage maps held fixed, it differs.
+    model = mask_image_model(True).train()
+    images, labels = torch.rand(2, 3, 40, 40, dtype=torch.float64), torch.tensor([0, 2])
+    output = model(images)
+    finest = next(iter(output.masks))
+    output.masks[finest].retain_grad()
+    torch.nn.functional.cross_entropy(output.logits, labels).backward()
+    masks = OrderedDict((name, mask.detach().requires_grad_()) for name, mask in output.masks.items())
+    keep = torch.nn.functional.interpolate(masks[finest].detach(), size=(40, 40), mode="nearest")
+    with torch.no_grad():
+        held = aim.nn.backbones.as_stage_dict(model.backbone(images * keep))
+    result = model.topdown.run(held, masks=masks)
+    logits = model.classifier(model.topdown.pool_final(result.features, result.masks))
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    torch.testing.assert_close(logits, output.logits)  # the same forward
+    assert masks[finest].grad.abs().sum() > 0
+    assert not torch.allclose(output.masks[finest].grad, masks[finest].grad)
+
+
+def test_given_masks_are_checked_and_used_as_they_are():
+    topdown = aim.FusedTopDownMask(STAGE_CHANNELS, 5, depth=2, mask_hidden_channels=4)
+    x = stages()
+    masks = OrderedDict(s1=torch.ones(2, 1, 5, 5), s2=torch.zeros(2, 1, 3, 3))
+    result = topdown.eval().run(x, masks=masks)
+    assert all(result.masks[name] is masks[name] for name in masks)
+    with pytest.raises(ValueError, match="mask 's2' must have shape"):
+        topdown.run(x, masks={"s1": masks["s1"], "s2": torch.ones(2, 1, 2, 2)})
+    with pytest.raises(ValueError, match="one mask per stage"):
+        topdown.run(x, masks={"s1": masks["s1"]})
+    with pytest.raises(TypeError, match="masks must be a dict"):
+        topdown.run(x, masks=[masks["s1"], masks["s2"]])
+
+
+def test_train_config_plumbs_mask_image():
+    config = TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8)
+    assert not build_model(config, 2).mask_image
+    assert build_model(TrainConfig(backbone="small_convnet", topdown_channels=8, mask_channels=8, mask_image=True), 2).mask_image

@@ -96,7 +96,8 @@ def pooled_map_and_head(model, images):
     from aim.nn.backbones import BaselineClassifier, as_stage_dict
 
     if isinstance(model, AIM):
-        result = model.topdown.run(as_stage_dict(model.backbone(images)))
+        stages, masks = model.classifier_stages(images)
+        result = model.topdown.run(stages, masks=masks)
         final = next(iter(result.features.values()))
         return final, model.topdown._pool_divisor(list(result.masks.values()), final.shape[-2:]), model.classifier
     if isinstance(model, BaselineClassifier):

@@ -1,6 +1,7 @@
 """The AIM classifier: a backbone, the top-down masking pathway, per-stage classifiers."""
 from typing import NamedTuple
 
+import torch.nn.functional as F
 from torch import nn
 
 from aim.nn.backbones import as_stage_dict, build_backbone, stage_channels_of
@@ -57,12 +58,18 @@ class AIM(nn.Module):
             "eval" by default: every image's eval masks keep exactly the target share of each
             stage, so their area cannot carry the class, at the accuracy of "loss" (within 1
             point over 3 seeds, docs/masks_and_audit.md).
+        mask_image: run the backbone twice: the masks come from the whole image, then the image
+            multiplied by the finest mask (nearest-upsampled; straight-through, so the mask
+            learns from both passes) goes through the backbone again, and the pathway merges
+            that pass's stage maps under the same masks. The classifiers then read features of
+            the kept pixels only: a kept position's receptive field no longer brings in the
+            background around it. Twice the backbone's cost.
     """
 
     def __init__(self, backbone, num_classes, depth=2, target=0.25, out_channels=256, mask_hidden_channels=128,
                  temperature=1.0, weights=None, stage_channels=None, use_reference=False, sparse_eval=True,
                  initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=True, pooling="all",
-                 mask_saliency_prior=False, mask_budget="eval", mask_blocks=3):
+                 mask_saliency_prior=False, mask_budget="eval", mask_blocks=3, mask_image=False):
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, weights=weights, stages_used=depth)
@@ -83,6 +90,7 @@ class AIM(nn.Module):
         # One classifier per top-down stage (on O_l), finest first like the stage dicts.
         self.stage_classifiers = nn.ModuleList([nn.Linear(out_channels, num_classes) for _ in range(self.topdown.depth)])
         self.classifier = nn.Linear(out_channels, num_classes)
+        self.mask_image = bool(mask_image)
 
     @property
     def depth(self):
@@ -92,13 +100,24 @@ class AIM(nn.Module):
     def target(self):
         return self.topdown.target
 
-    def forward(self, images):
+    def classifier_stages(self, images):
+        """(the stage maps the pathway merges, the masks it applies to them): the backbone's
+        maps of ``images`` and None (the pathway estimates the masks from them), or with
+        ``mask_image`` the maps of the masked image and the masks estimated on the whole one."""
         stages = as_stage_dict(self.backbone(images))
+        if not self.mask_image:
+            return stages, None
+        masks = self.topdown.run(stages).masks
+        keep = F.interpolate(next(iter(masks.values())), size=images.shape[-2:], mode="nearest")
+        return as_stage_dict(self.backbone(images * keep)), masks
+
+    def forward(self, images):
+        stages, masks = self.classifier_stages(images)
         if self.topdown.sparse_eval and not self.training:
-            masks, pooled, pooled_final = self.topdown.pooled_outputs(stages)
+            masks, pooled, pooled_final = self.topdown.pooled_outputs(stages, masks=masks)
             stage_logits = {name: clf(p) for clf, (name, p) in zip(self.stage_classifiers, pooled.items())}
             return AIMOutput(self.classifier(pooled_final), stage_logits, dict(masks))
-        result = self.topdown.run(stages, pool_stage_outputs=True)
+        result = self.topdown.run(stages, pool_stage_outputs=True, masks=masks)
         logits = self.classifier(self.topdown.pool_final(result.features, result.masks))
         stage_logits = {name: clf(pooled) for clf, (name, pooled) in zip(self.stage_classifiers, result.pooled_stage_outputs.items())}
         return AIMOutput(logits, stage_logits, dict(result.masks))

@@ -281,14 +281,16 @@ class FusedTopDownMask(nn.Module):
             return result.features, result.masks
         return result.features
 
-    def run(self, x, pool_stage_outputs=False):
+    def run(self, x, pool_stage_outputs=False, masks=None):
         """The pathway with everything AIM training needs: a :class:`TopDownResult`.
 
         ``pool_stage_outputs`` also returns the global average of each O_l = T_l(S_l) * B_l,
         computed as a masked mean (one batched matmul) so O_l is never materialized apart from
-        the fused merge.
+        the fused merge. ``masks``: the B_l to use (a dict by stage name, as a result's masks)
+        instead of estimating them from ``x``.
         """
         names = self._check_input(x)
+        given = self._check_masks(masks, x, names)
         merge = reference.topdown_merge if self.use_reference else aim_kernels.topdown_merge
         masked_conv = reference.masked_conv2d if self.use_reference else aim_kernels.masked_conv2d
         sparse = self.sparse_eval and not self.training
@@ -297,7 +299,10 @@ class FusedTopDownMask(nn.Module):
         prev = None
         for i in reversed(range(self.depth)):
             stage = x[run_names[i]]
-            mask = self._binarize(self.mask_estimators[i](self._mask_input(stage, prev)))
+            if given is not None:
+                mask = given[run_names[i]]
+            else:
+                mask = self._binarize(self.mask_estimators[i](self._mask_input(stage, prev)))
             if sparse:  # T_l only where the mask is active, fused with the merge
                 # in the input's dtype, as autocast runs the dense path's conv (a custom op is not autocast)
                 weight, bias = self.lateral[i].weight.to(stage.dtype), self.lateral[i].bias.to(stage.dtype)
@@ -318,10 +323,10 @@ class FusedTopDownMask(nn.Module):
             _ordered(features, run_names), _ordered(masks, run_names), _ordered(pooled, run_names) if pool_stage_outputs else None
         )
 
-    def pooled_outputs(self, x):
+    def pooled_outputs(self, x, masks=None):
         """The global averages AIM's classifiers read, without computing any feature map:
         ``(masks, pooled_stage_outputs, pooled_final)``, pooled_final the global average of
-        F_depth, (N, out_channels).
+        F_depth, (N, out_channels). ``masks`` as in :meth:`run`.
 
         Exact (up to rounding) because everything after the masks is linear: the global average
         of F_depth = sum over stages of upsampled O_l = T_l(S_l) * B_l weighs each position of
@@ -329,13 +334,17 @@ class FusedTopDownMask(nn.Module):
         weighted spatial sum commutes with the 1x1 conv T_l: W (sum_p g(p) B(p) S(p)) + b sum_p g(p) B(p).
         So per stage only the masked, weighted sum of S_l is computed (one batched matmul).
         """
-        if self.mask_topdown_context:  # the masks read F_l+1: the feature maps are needed anyway
+        if self.mask_topdown_context and masks is None:  # the masks read F_l+1: the feature maps are needed anyway
             result = self.run(x, pool_stage_outputs=True)
             return result.masks, result.pooled_stage_outputs, self.pool_final(result.features, result.masks)
         names = self._check_input(x)
+        given = self._check_masks(masks, x, names)
         run_names = names[len(names) - self.depth:]
         final_size = x[run_names[0]].shape[-2:]
-        masks = [self._binarize(self.mask_estimators[i](x[name])) for i, name in enumerate(run_names)]
+        if given is not None:
+            masks = [given[name] for name in run_names]
+        else:
+            masks = [self._binarize(self.mask_estimators[i](x[name])) for i, name in enumerate(run_names)]
         final_divisor = self._pool_divisor(masks, final_size)[:, :, None, None]
         pooled, pooled_final = {}, 0
         for i, (name, mask) in enumerate(zip(run_names, masks)):
@@ -385,6 +394,24 @@ class FusedTopDownMask(nn.Module):
         if not self.mask_topdown_context or prev is None:
             return stage
         return torch.cat([stage, torch.nn.functional.interpolate(prev, size=stage.shape[-2:], mode="nearest")], dim=1)
+
+    def _check_masks(self, masks, x, names):
+        """``masks`` given to :meth:`run`: one (N, 1, H_l, W_l) map per stage the pathway runs through."""
+        if masks is None:
+            return None
+        if not isinstance(masks, dict):
+            raise TypeError(f"masks must be a dict of masks by stage name, got {type(masks).__name__}")
+        run_names = names[len(names) - self.depth:]
+        if sorted(masks) != sorted(run_names):
+            raise ValueError(f"masks must have one mask per stage the pathway runs through ({run_names}), got {list(masks)}")
+        for name in run_names:
+            stage, mask = x[name], masks[name]
+            if isinstance(stage, torch.fx.Proxy) or isinstance(mask, torch.fx.Proxy):
+                continue
+            expected = (stage.shape[0], 1, *stage.shape[-2:])
+            if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != expected:
+                raise ValueError(f"mask {name!r} must have shape {expected} (stage {name!r}'s), got {tuple(getattr(mask, 'shape', ()))}")
+        return masks
 
     def _check_input(self, x):
         if not isinstance(x, dict):
