@@ -19,17 +19,40 @@ CHECKPOINT_FORMAT = "aim-train-checkpoint-1"
 
 def build_model(config, num_classes):
     """The model a config describes, randomly initialized or with its --weights loaded into the
-    backbone. A failed download of DEFAULT weights, or a weights file that does not fit, is a
-    ValueError with a message for the user."""
+    backbone and its --pathway-weights into the top-down pathway. A failed download of DEFAULT
+    weights, or a weights file that does not fit, is a ValueError with a message for the user."""
     backbone = build_run_backbone(config)
     if config.model == "baseline":
         return BaselineClassifier(backbone, num_classes)
-    return AIM(backbone, num_classes=num_classes, depth=config.depth, target=config.target,
+    model = AIM(backbone, num_classes=num_classes, depth=config.depth, target=config.target,
                out_channels=config.topdown_channels, mask_hidden_channels=config.mask_channels,
                temperature=config.temperature, use_reference=config.use_reference,
                initial_mask_logit=config.initial_mask_logit, mask_topdown_context=config.mask_topdown_context,
                pooling=config.pooling, mask_saliency_prior=config.mask_saliency_prior,
                mask_budget=config.mask_budget, mask_blocks=config.mask_blocks, mask_image=config.mask_image)
+    if config.pathway_weights != "none":
+        load_pathway_weights(model, config.pathway_weights)
+    return model
+
+
+def load_pathway_weights(model, path):
+    """Start ``model``'s top-down pathway from the one of the AIM checkpoint at ``path``: every
+    parameter and BatchNorm statistic, which must all be there with the same shapes (the same
+    depth, widths and options), else a UsageError naming the file. The mask budget's
+    ``active_fraction`` stays the run's own (its schedule sets it)."""
+    given_as = f"--pathway-weights {path}"
+    state = read_checkpoint(path, given_as)["model"]
+    own = {k: v for k, v in model.topdown.state_dict().items() if k != "active_fraction"}
+    found = {k.removeprefix("topdown."): v for k, v in state.items() if k.startswith("topdown.") and k != "topdown.active_fraction"}
+    if not found:
+        raise UsageError(f"{given_as}: holds no top-down pathway (a baseline's checkpoint?); pass an AIM run's best.pt")
+    missing, unexpected = sorted(own.keys() - found.keys()), sorted(found.keys() - own.keys())
+    mismatched = sorted(k for k in own.keys() & found.keys() if own[k].shape != found[k].shape)
+    if missing or unexpected or mismatched:
+        raise UsageError(f"{given_as}: its pathway does not fit this run's (another depth, width or mask option?): "
+                         f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+                         f"{len(mismatched)} of another shape (e.g. {mismatched[:2]})")
+    model.topdown.load_state_dict(found, strict=False)  # not strict only for active_fraction, the run's own
 
 
 def build_run_backbone(config):
@@ -99,7 +122,7 @@ def non_finite_tensors(tensors):
 
 def model_from_checkpoint(checkpoint, device="cpu"):
     """The trained model of a checkpoint, in eval mode."""
-    config = TrainConfig(**{**saved_config(checkpoint), "weights": "none"})
+    config = TrainConfig(**{**saved_config(checkpoint), "weights": "none", "pathway_weights": "none"})
     model = build_model(config, len(checkpoint["class_names"]))
     model.load_state_dict(checkpoint["model"], strict=True)
     return model.to(device).eval()

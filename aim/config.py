@@ -51,6 +51,9 @@ class TrainConfig:
                                 "(img_size follows --image-size for models bound to one input size)", metavar="JSON")
     weights: str = setting("none", "backbone weights: none, torchvision's or timm's pretrained (DEFAULT, needs network), or a "
                            "torchvision or timm state dict / `aim train` checkpoint file", metavar="none|DEFAULT|PATH")
+    pathway_weights: str = setting("none", "an `aim train` checkpoint of AIM whose top-down pathway (lateral convolutions "
+                                   "and mask estimators: where its masks go) starts this run's, e.g. one trained on "
+                                   "unbiased data; the classifiers start new", metavar="none|PATH")
     depth: int = setting(2, "top-down stages (AIM[depth, target])")
     target: float = setting(0.25, "mask-annealing target tau (fraction of active entries)")
     epochs: int = setting(30, "training epochs")
@@ -113,6 +116,9 @@ class TrainConfig:
         if self.backbone not in BACKBONE_NAMES + (SMALL_BACKBONE,) and not is_timm_name(self.backbone):
             raise UsageError(f"--backbone must be timm:NAME or one of {', '.join(BACKBONE_NAMES + (SMALL_BACKBONE,))}, "
                              f"got {self.backbone!r}")
+        if self.pathway_weights != "none" and self.model != "aim":
+            raise UsageError(f"--pathway-weights applies to --model aim only (a baseline has no top-down pathway), "
+                             f"got it with --model {self.model}")
         if self.timm_kwargs is not None and not (isinstance(self.timm_kwargs, dict) and is_timm_name(self.backbone)):
             raise UsageError(f"--timm-kwargs must be a JSON object and the backbone timm:NAME, got {self.timm_kwargs!r} "
                              f"for {self.backbone}")
@@ -162,7 +168,7 @@ def check_device(device):
 
 
 # Settings that checkpoints written before they existed do not record, with the value those runs used.
-SETTINGS_BEFORE_THEY_EXISTED = {"mask_budget": "loss", "mask_blocks": 3, "mask_image": False}
+SETTINGS_BEFORE_THEY_EXISTED = {"mask_budget": "loss", "mask_blocks": 3, "mask_image": False, "pathway_weights": "none"}
 
 
 # Settings that no longer exist, with the value that meant "off": a checkpoint that recorded them

@@ -88,10 +88,16 @@ def flat_metrics(row):
 def run_embedded(args, overrides, log):
     # A backbone set for fine-tuning (--set backbone=timm:... [--set timm_kwargs=...]) is pretrained the same way.
     pretrain = study.PretrainSettings(image_size=args.image_size, seed=0, backbone=overrides.get("backbone", study.SMALL_BACKBONE),
-                                      timm_kwargs=overrides.get("timm_kwargs"), lr=args.pretrain_lr)
+                                      timm_kwargs=overrides.get("timm_kwargs"), lr=args.pretrain_lr, epochs=args.pretrain_epochs)
     weights, trained, pretrain_acc = study.pretrained_backbone(pretrain, threads=args.threads, log=log)
     log(f"pretrained backbone: {weights} ({'trained now' if trained else 'from the cache'}), "
         f"val accuracy {pretrain_acc:.3f} over {len(PRETRAIN_SHAPES)} shapes")
+    pathway = None
+    if "aim" in args.models:
+        pathway, trained, pathway_acc = study.pretrained_pathway(pretrain, weights, study.PathwaySettings(epochs=args.pathway_epochs),
+                                                                 overrides, threads=args.threads, log=log)
+        if pathway is not None:
+            log(f"pretrained AIM pathway: {pathway} ({'trained now' if trained else 'from the cache'}), val accuracy {pathway_acc:.3f}")
     records = []
     with tempfile.TemporaryDirectory(prefix="aim_study_") as tmp:
         for correlation in args.correlations:
@@ -102,7 +108,8 @@ def run_embedded(args, overrides, log):
                 for kind in args.models:
                     log(f"correlation {correlation}, seed {seed}, {kind}")
                     record = study.finetune(kind, weights, train, val, test, os.path.join(tmp, kind), seed=seed,
-                                            threads=args.threads, overrides=overrides, log=lambda *a: None, unseen=unseen)
+                                            threads=args.threads, overrides=overrides, log=lambda *a: None, unseen=unseen,
+                                            pathway_weights=pathway)
                     record.update(correlation=correlation, data="embedded", classes=args.classes or FINETUNE_CLASSES,
                                   pretrain_val_accuracy=pretrain_acc)
                     record["summary"] = study.summary_row(record)
@@ -229,6 +236,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pretrain-lr", type=float, default=study.PretrainSettings.lr,
                         help="learning rate of the backbone's pretraining (a ViT from scratch needs less than the CNN's)")
+    parser.add_argument("--pretrain-epochs", type=int, default=study.PretrainSettings.epochs,
+                        help="epochs of the backbone's pretraining (a transformer from scratch needs more than the CNN's)")
+    parser.add_argument("--pathway-epochs", type=int, default=study.PathwaySettings.epochs,
+                        help="epochs of AIM's pathway pretraining on the backbone's pretraining images (0: AIM's pathway starts new)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning setting (a TrainConfig field; defaults: aim.app.study.FINETUNE_DEFAULTS)")
     parser.add_argument("--experiment", help="record this run as one experiment of the study (appended to the experiments file)")
     parser.add_argument("--data", metavar="DIR", help="a WaterBirds-layout folder instead of the embedded benchmark")

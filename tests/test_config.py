@@ -39,6 +39,7 @@ def test_demo_and_data_take_the_study_defaults():
         for name in ("spurious_correlation", "seed", "image_size", "train_size", "val_size", "test_size", "unseen_size"):
             assert getattr(args, name) == getattr(task, name), name
     assert demo.pretrain_size == study.PretrainSettings().train_size and demo.pretrain_epochs == study.PretrainSettings().epochs
+    assert demo.pathway_epochs == study.PathwaySettings().epochs
 
 
 @pytest.mark.parametrize("suffix", ["json", "yaml"])

@@ -118,16 +118,19 @@ def test_demo_runs_the_protocol_and_caches_the_pretrained_backbone(tmp_path, mon
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     task = ["--train-size", "128", "--val-size", "64", "--test-size", "64", "--unseen-size", "32", "--image-size", "32"]
     args = ["demo", "--out", str(tmp_path / "out"), "--epochs", "2", "--anneal-epochs", "1", *task,
-            "--pretrain-size", "100", "--pretrain-epochs", "1", "--batch-size", "32"]
+            "--pretrain-size", "100", "--pretrain-epochs", "1", "--pathway-epochs", "1", "--batch-size", "32"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "pretrained backbone (trained now)" in printed
+    assert "pretrained backbone (trained now)" in printed and "pretrained AIM pathway (trained now)" in printed
     assert "worst-group accuracy" in printed and "EPG of mask, stage 2" in printed and "EPG of GradCAM" in printed
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     for kind in ("baseline", "aim"):
         record = summary["records"][kind]
         assert record["test"]["num_samples"] == 64
         assert (tmp_path / "out" / kind / "best.pt").exists()  # a run folder `aim eval` reads
+    # AIM's pathway starts from the one pretrained on the unbiased images; the baseline has none.
+    assert summary["records"]["aim"]["settings"]["pathway_weights"] == summary["pretrained_pathway"]
+    assert summary["records"]["baseline"]["settings"]["pathway_weights"] == "none"
     # AIM is selected only among epochs at the target tau (select_annealed): here the last one.
     assert summary["records"]["aim"]["best_epoch"] == 2
     assert set(summary["table"]["aim"]["epg_masks"]) == {"2", "3"}
@@ -137,7 +140,8 @@ def test_demo_runs_the_protocol_and_caches_the_pretrained_backbone(tmp_path, mon
     assert f"wrote {tmp_path / 'out' / 'report.html'}" in printed
     assert "<table id=\"accuracy\">" in (tmp_path / "out" / "report.html").read_text()
     assert main(args) == 0  # the second run finds the backbone in the cache
-    assert "pretrained backbone (from the cache)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "pretrained backbone (from the cache)" in printed and "pretrained AIM pathway (from the cache)" in printed
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
 
     # The same task from disk: `aim eval` of the demo's checkpoints prints the demo's test numbers.

@@ -2,6 +2,7 @@
 (the backbone keeps torchvision's parameter names), `aim train` checkpoints of either model
 kind load into the other, and a file that fits nothing, or DEFAULT weights offline, stop
 `aim train` at once with one line."""
+import re
 import urllib.error
 
 import pytest
@@ -54,6 +55,41 @@ def test_pretrain_baseline_then_finetune_aim_from_its_checkpoint(waterbirds, tmp
     back = tmp_path / "back"
     assert main(["train", "--data", str(waterbirds), "--out", str(back), "--model", "baseline",
                  "--weights", str(finetuned / "best.pt"), "--epochs", "1", *TINY]) == 0
+
+
+def test_pathway_weights_start_aims_pathway_from_another_runs_and_its_classifiers_new(waterbirds, tmp_path, capsys):
+    """--weights and --pathway-weights from one AIM run: the whole network but the classifiers."""
+    source_run, run = tmp_path / "source", tmp_path / "run"
+    assert main(["train", "--data", str(waterbirds), "--out", str(source_run), "--epochs", "1", *TINY]) == 0
+    best = source_run / "best.pt"
+    assert main(["train", "--data", str(waterbirds), "--out", str(run), "--weights", str(best), "--pathway-weights", str(best),
+                 "--epochs", "1", "--lr", "0", "--seed", "1", *TINY]) == 0
+    source = torch.load(best, weights_only=True)["model"]
+    result = torch.load(run / "last.pt", weights_only=True)["model"]
+    pathway = [k for k in source if k.startswith("topdown.") and k.endswith(("weight", "bias"))]
+    assert pathway and all(torch.equal(source[k], result[k]) for k in pathway)  # lr 0: as loaded
+    assert not torch.equal(source["classifier.weight"], result["classifier.weight"])  # another seed's initialization
+
+
+@pytest.mark.parametrize("source_flags, message", [
+    (["--model", "baseline"], "holds no top-down pathway"),
+    (["--depth", "1"], r"does not fit this run's .*: [1-9]\d* missing"),
+    (["--mask-channels", "4"], "of another shape"),
+])
+def test_pathway_weights_that_do_not_fit_stop_train_at_once(waterbirds, tmp_path, capsys, source_flags, message):
+    source_run, run = tmp_path / "source", tmp_path / "run"
+    assert main(["train", "--data", str(waterbirds), "--out", str(source_run), "--epochs", "1", *TINY, *source_flags]) == 0
+    capsys.readouterr()
+    assert main(["train", "--data", str(waterbirds), "--out", str(run), "--pathway-weights", str(source_run / "best.pt"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--pathway-weights {source_run / 'best.pt'}:" in err and not run.exists()
+    assert re.search(message, err), err
+
+
+def test_pathway_weights_need_an_aim_model(waterbirds, tmp_path, capsys):
+    assert main(["train", "--data", str(waterbirds), "--out", str(tmp_path / "run"), "--model", "baseline",
+                 "--pathway-weights", str(tmp_path / "any.pt"), *TINY]) == 2
+    assert "--pathway-weights applies to --model aim only" in capsys.readouterr().err
 
 
 def test_weights_file_that_does_not_fit_stops_train_at_once(waterbirds, tmp_path, capsys):

@@ -43,12 +43,17 @@ def run_demo(args):
     overrides = {"epochs": args.epochs, "anneal_epochs": args.anneal_epochs, "target": args.target, "depth": args.depth,
                  "lr": args.lr, "backbone_lr": args.backbone_lr, "batch_size": args.batch_size,
                  "use_reference": args.reference}
+    pathway, trained, pathway_accuracy = study.pretrained_pathway(pretrain, weights, study.PathwaySettings(epochs=args.pathway_epochs),
+                                                                  overrides, threads=args.threads)
+    if pathway is not None:
+        print(f"pretrained AIM pathway ({'trained now' if trained else 'from the cache'}): {pathway}, "
+              f"val accuracy {pathway_accuracy:.3f}")
     records, models = {}, {}
     for kind in ("baseline", "aim"):
         run = os.path.join(args.out, kind)
         print(f"fine-tuning {kind} in {run}")
         records[kind] = study.finetune(kind, weights, train, val, test, run, seed=args.seed, threads=args.threads,
-                                       overrides=overrides, unseen=unseen)
+                                       overrides=overrides, unseen=unseen, pathway_weights=pathway)
         models[kind], _ = aim.load_checkpoint(run)
     rows = {kind: study.summary_row(record) for kind, record in records.items()}
     uniform = test.foregrounds.flatten(1).float().mean(1).mean().item()
@@ -60,6 +65,7 @@ def run_demo(args):
     png = os.path.join(args.out, "test_images.png")
     save_comparison_grid(models, test, png)
     summary = {"args": vars(args), "pretrained_backbone": weights, "pretrain_val_accuracy": pretrain_accuracy,
+               "pretrained_pathway": pathway, "pathway_val_accuracy": pathway_accuracy,
                "uniform_map_energy_pointing_game": uniform, "table": rows, "records": records,
                "time_s": time.perf_counter() - start}
     with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -1,10 +1,11 @@
 """The spurious-correlation protocol on the embedded benchmark (``aim demo`` and
 ``benchmarks/study_spurious.py``), every step through ``aim.app.train.fit`` and ``aim.app.evaluate``:
 
-1. pretrain a SmallConvNet backbone on the unbiased set (:func:`pretrained_backbone`, cached
-   on disk under ``$XDG_CACHE_HOME/aim-kernels`` or ``~/.cache/aim-kernels``);
-2. fine-tune the baseline and AIM from it on the biased task (:func:`finetune`), best.pt
-   selected on val worst-group accuracy by the training loop;
+1. pretrain a SmallConvNet backbone on the unbiased set (:func:`pretrained_backbone`), then AIM's
+   top-down pathway on the same images from that backbone (:func:`pretrained_pathway`), both cached
+   on disk under ``$XDG_CACHE_HOME/aim-kernels`` or ``~/.cache/aim-kernels``;
+2. fine-tune the baseline and AIM from the backbone (AIM's pathway from its pretrained one) on the
+   biased task (:func:`finetune`), best.pt selected on val worst-group accuracy by the training loop;
 3. evaluate best.pt on the balanced test split: accuracy (also weighted by the training groups'
    proportions), worst-group accuracy, the EPG of every mask stage and of GradCAM, the audit,
    and where the masks sit (:func:`mask_placement`); and on the unseen-scene test.
@@ -43,6 +44,17 @@ class PretrainSettings:
 
 
 @dataclasses.dataclass
+class PathwaySettings:
+    """AIM trained on the pretraining images from the pretrained backbone, for its top-down
+    pathway only: where the background tells nothing about the class, the masks learn to sit on
+    the objects, and AIM's fine-tuning starts from those masks (the backbone it fine-tunes is the
+    baseline's, the classifiers new). epochs 0 (the default, the study's recipe): none; the
+    study's experiment with it used 6 (docs/embedded_benchmark.md, "A pretrained pathway")."""
+    epochs: int = 0
+    lr: float = 1e-3
+
+
+@dataclasses.dataclass
 class TaskSettings:
     image_size: int = 64
     spurious_correlation: float = 0.95
@@ -64,8 +76,6 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
     """Path of a checkpoint of SmallConvNet pretrained on the unbiased set (a baseline model over
     the ``PRETRAIN_SHAPES`` classes), training it first unless the cache has it. Returns (path,
     whether it was trained now, the pretraining val accuracy)."""
-    from aim.data.embedded import make_pretraining_split
-
     recorded = dataclasses.asdict(settings)
     if settings.backbone == SMALL_BACKBONE and settings.timm_kwargs is None:  # the key of caches made before these fields existed
         del recorded["backbone"], recorded["timm_kwargs"]
@@ -75,19 +85,56 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
     if os.path.isfile(path):
         checkpoint = read_checkpoint(path)
         return path, False, checkpoint["val"]["accuracy"]
-    train = make_pretraining_split(settings.train_size, settings.image_size, seed=settings.seed * 1000 + 1)
-    val = make_pretraining_split(settings.val_size, settings.image_size, seed=settings.seed * 1000 + 2)
-    os.makedirs(folder, exist_ok=True)
-    run = os.path.join(folder, f"run_{key}_{os.getpid()}")
-    shutil.rmtree(run, ignore_errors=True)
-    config = TrainConfig(out=run, model="baseline", backbone=settings.backbone, timm_kwargs=settings.timm_kwargs, epochs=settings.epochs,
+    train, val = pretraining_splits(settings)
+    config = TrainConfig(out="", model="baseline", backbone=settings.backbone, timm_kwargs=settings.timm_kwargs, epochs=settings.epochs,
                          anneal_epochs=0, batch_size=settings.batch_size, lr=settings.lr,
                          image_size=settings.image_size, preprocessing="raw", workers=0, seed=settings.seed, threads=threads)
     log(f"pretraining {settings.backbone} on {len(train)} unbiased images ({len(train.class_names)} shapes on "
         f"{len(train.background_names)} texture families), {settings.epochs} epochs; cached as {path}")
-    fit(config, train.as_dataset(), val.as_dataset(), log=log)
+    _train_into(path, config, train, val, log)
+    return path, True, read_checkpoint(path)["val"]["accuracy"]
+
+
+def pretraining_splits(settings):
+    """(train, val) of the unbiased pretraining set of ``settings`` (a :class:`PretrainSettings`)."""
+    from aim.data.embedded import make_pretraining_split
+
+    return (make_pretraining_split(settings.train_size, settings.image_size, seed=settings.seed * 1000 + 1),
+            make_pretraining_split(settings.val_size, settings.image_size, seed=settings.seed * 1000 + 2))
+
+
+def _train_into(path, config, train, val, log):
+    """``fit`` in a scratch run folder beside ``path``, then its best.pt moved to ``path``."""
+    run = f"{path}.run{os.getpid()}"
+    shutil.rmtree(run, ignore_errors=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fit(dataclasses.replace(config, out=run), train.as_dataset(), val.as_dataset(), log=log)
     os.replace(os.path.join(run, "best.pt"), path)  # atomic: a second run finds it complete or not at all
     shutil.rmtree(run, ignore_errors=True)
+
+
+def pretrained_pathway(pretrain, backbone_weights, settings, overrides=None, threads=1, log=print, cache=None):
+    """Path of an AIM checkpoint trained per ``settings`` (a :class:`PathwaySettings`) on the
+    pretraining images of ``pretrain`` from ``backbone_weights``, with the fine-tuning recipe's
+    AIM settings (``FINETUNE_DEFAULTS`` and ``overrides``, so its pathway fits the model
+    :func:`finetune` builds), training it first unless the cache has it; None when
+    ``settings.epochs`` is 0. Returns (path, whether it was trained now, its val accuracy)."""
+    if settings.epochs == 0:
+        return None, False, None
+    config = TrainConfig(out="", model="aim", weights=backbone_weights, image_size=pretrain.image_size, seed=0, threads=threads,
+                         **{**FINETUNE_DEFAULTS, **(overrides or {}), "epochs": settings.epochs, "lr": settings.lr,
+                            "backbone_lr": None, "pathway_weights": "none", "workers": 0})
+    recipe = {k: v for k, v in recorded_settings(config).items() if k not in ("threads", "use_reference", "weights")}
+    recorded = {"version": PRETRAIN_VERSION, "backbone": os.path.basename(backbone_weights), "pretrain": dataclasses.asdict(pretrain),
+                "recipe": recipe}
+    key = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache if cache is not None else cache_dir(), "pretrained", f"aim_pathway_{key}.pt")
+    if os.path.isfile(path):
+        return path, False, read_checkpoint(path)["val"]["accuracy"]
+    train, val = pretraining_splits(pretrain)
+    log(f"pretraining AIM's top-down pathway on the same {len(train)} unbiased images from the pretrained backbone, "
+        f"{settings.epochs} epochs; cached as {path}")
+    _train_into(path, config, train, val, log)
     return path, True, read_checkpoint(path)["val"]["accuracy"]
 
 
@@ -167,11 +214,15 @@ def recorded_settings(config):
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "data", "segmentations")}
 
 
-def finetune(kind, weights, train, val, test, out, seed=0, threads=1, overrides=None, log=print, unseen=None):
-    """Train ``kind`` ("aim" or "baseline") from ``weights`` in ``out`` (replaced), then evaluate
-    its best.pt (val-selected) on ``test`` (and on ``unseen``, the unseen-scene split, if given).
+def finetune(kind, weights, train, val, test, out, seed=0, threads=1, overrides=None, log=print, unseen=None,
+             pathway_weights=None):
+    """Train ``kind`` ("aim" or "baseline") from ``weights`` (AIM's pathway from
+    ``pathway_weights``, if given) in ``out`` (replaced), then evaluate its best.pt
+    (val-selected) on ``test`` (and on ``unseen``, the unseen-scene split, if given).
     Returns a JSON-ready record."""
     settings = {**FINETUNE_DEFAULTS, **(overrides or {})}
+    if kind == "aim" and pathway_weights is not None:
+        settings["pathway_weights"] = pathway_weights
     shutil.rmtree(out, ignore_errors=True)
     config = TrainConfig(out=out, model=kind, weights=weights, image_size=train.images.shape[-1], seed=seed,
                          threads=threads, **settings)
