@@ -31,19 +31,22 @@ def build_model(config, num_classes):
                pooling=config.pooling, mask_saliency_prior=config.mask_saliency_prior,
                mask_budget=config.mask_budget, mask_blocks=config.mask_blocks, mask_image=config.mask_image)
     if config.pathway_weights != "none":
-        load_pathway_weights(model, config.pathway_weights)
+        load_pathway_weights(model, config.pathway_weights, config.pathway_layers)
     return model
 
 
-def load_pathway_weights(model, path):
-    """Start ``model``'s top-down pathway from the one of the AIM checkpoint at ``path``: every
-    parameter and BatchNorm statistic, which must all be there with the same shapes (the same
-    depth, widths and options), else a UsageError naming the file. The mask budget's
-    ``active_fraction`` stays the run's own (its schedule sets it)."""
+def load_pathway_weights(model, path, layers="all"):
+    """Start ``model``'s top-down pathway (``layers`` "all") or its lateral convolutions only
+    ("lateral") from those of the AIM checkpoint at ``path``: every parameter and BatchNorm
+    statistic of them, which must all be there with the same shapes (the same depth, widths and
+    options), else a UsageError naming the file. The mask budget's ``active_fraction`` stays the
+    run's own (its schedule sets it)."""
     given_as = f"--pathway-weights {path}"
     state = read_checkpoint(path, given_as)["model"]
-    own = {k: v for k, v in model.topdown.state_dict().items() if k != "active_fraction"}
-    found = {k.removeprefix("topdown."): v for k, v in state.items() if k.startswith("topdown.") and k != "topdown.active_fraction"}
+    prefix = "" if layers == "all" else "lateral."
+    own = {k: v for k, v in model.topdown.state_dict().items() if k != "active_fraction" and k.startswith(prefix)}
+    found = {k.removeprefix("topdown."): v for k, v in state.items()
+             if k.startswith("topdown." + prefix) and k != "topdown.active_fraction"}
     if not found:
         raise UsageError(f"{given_as}: holds no top-down pathway (a baseline's checkpoint?); pass an AIM run's best.pt")
     missing, unexpected = sorted(own.keys() - found.keys()), sorted(found.keys() - own.keys())
@@ -52,7 +55,7 @@ def load_pathway_weights(model, path):
         raise UsageError(f"{given_as}: its pathway does not fit this run's (another depth, width or mask option?): "
                          f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
                          f"{len(mismatched)} of another shape (e.g. {mismatched[:2]})")
-    model.topdown.load_state_dict(found, strict=False)  # not strict only for active_fraction, the run's own
+    model.topdown.load_state_dict(found, strict=False)  # every key of ``layers`` checked above
 
 
 def build_run_backbone(config):

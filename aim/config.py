@@ -19,6 +19,7 @@ SMALL_BACKBONE = "small_convnet"
 
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PATHWAY_LAYERS = ("all", "lateral")  # what --pathway-weights starts: the whole pathway, or its lateral convs
 
 
 # The groups of settings, as ``aim train --help`` shows them.
@@ -54,6 +55,8 @@ class TrainConfig:
     pathway_weights: str = setting("none", "an `aim train` checkpoint of AIM whose top-down pathway (lateral convolutions "
                                    "and mask estimators: where its masks go) starts this run's, e.g. one trained on "
                                    "unbiased data; the classifiers start new", metavar="none|PATH")
+    pathway_layers: str = setting("all", "which layers --pathway-weights starts: all of the pathway's, or the lateral "
+                                  "convolutions only (the mask estimators start new)", choices=PATHWAY_LAYERS)
     depth: int = setting(2, "top-down stages (AIM[depth, target])")
     target: float = setting(0.25, "mask-annealing target tau (fraction of active entries)")
     epochs: int = setting(30, "training epochs")
@@ -119,6 +122,8 @@ class TrainConfig:
         if self.pathway_weights != "none" and self.model != "aim":
             raise UsageError(f"--pathway-weights applies to --model aim only (a baseline has no top-down pathway), "
                              f"got it with --model {self.model}")
+        if self.pathway_layers not in PATHWAY_LAYERS:
+            raise UsageError(f"--pathway-layers must be one of {', '.join(PATHWAY_LAYERS)}, got {self.pathway_layers!r}")
         if self.timm_kwargs is not None and not (isinstance(self.timm_kwargs, dict) and is_timm_name(self.backbone)):
             raise UsageError(f"--timm-kwargs must be a JSON object and the backbone timm:NAME, got {self.timm_kwargs!r} "
                              f"for {self.backbone}")
@@ -168,7 +173,8 @@ def check_device(device):
 
 
 # Settings that checkpoints written before they existed do not record, with the value those runs used.
-SETTINGS_BEFORE_THEY_EXISTED = {"mask_budget": "loss", "mask_blocks": 3, "mask_image": False, "pathway_weights": "none"}
+SETTINGS_BEFORE_THEY_EXISTED = {"mask_budget": "loss", "mask_blocks": 3, "mask_image": False, "pathway_weights": "none",
+                                "pathway_layers": "all"}
 
 
 # Settings that no longer exist, with the value that meant "off": a checkpoint that recorded them

@@ -57,18 +57,23 @@ def test_pretrain_baseline_then_finetune_aim_from_its_checkpoint(waterbirds, tmp
                  "--weights", str(finetuned / "best.pt"), "--epochs", "1", *TINY]) == 0
 
 
-def test_pathway_weights_start_aims_pathway_from_another_runs_and_its_classifiers_new(waterbirds, tmp_path, capsys):
-    """--weights and --pathway-weights from one AIM run: the whole network but the classifiers."""
+@pytest.mark.parametrize("layers", ["all", "lateral"])
+def test_pathway_weights_start_aims_pathway_from_another_runs_and_its_classifiers_new(waterbirds, tmp_path, capsys, layers):
+    """--weights and --pathway-weights from one AIM run: the whole network but the classifiers
+    (and with --pathway-layers lateral, but the mask estimators)."""
     source_run, run = tmp_path / "source", tmp_path / "run"
     assert main(["train", "--data", str(waterbirds), "--out", str(source_run), "--epochs", "1", *TINY]) == 0
     best = source_run / "best.pt"
     assert main(["train", "--data", str(waterbirds), "--out", str(run), "--weights", str(best), "--pathway-weights", str(best),
-                 "--epochs", "1", "--lr", "0", "--seed", "1", *TINY]) == 0
+                 "--pathway-layers", layers, "--epochs", "1", "--lr", "0", "--seed", "1", *TINY]) == 0
     source = torch.load(best, weights_only=True)["model"]
     result = torch.load(run / "last.pt", weights_only=True)["model"]
-    pathway = [k for k in source if k.startswith("topdown.") and k.endswith(("weight", "bias"))]
-    assert pathway and all(torch.equal(source[k], result[k]) for k in pathway)  # lr 0: as loaded
-    assert not torch.equal(source["classifier.weight"], result["classifier.weight"])  # another seed's initialization
+    lateral = [k for k in source if k.startswith("topdown.lateral.")]
+    estimators = [k for k in source if k.startswith("topdown.mask_estimators.") and k.endswith("weight")]
+    assert lateral and estimators
+    assert all(torch.equal(source[k], result[k]) for k in lateral)  # lr 0: as loaded
+    assert all(torch.equal(source[k], result[k]) for k in estimators) == (layers == "all")  # else another seed's init
+    assert not torch.equal(source["classifier.weight"], result["classifier.weight"])
 
 
 @pytest.mark.parametrize("source_flags, message", [

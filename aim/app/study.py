@@ -46,11 +46,12 @@ class PretrainSettings:
 @dataclasses.dataclass
 class PathwaySettings:
     """AIM trained on the pretraining images from the pretrained backbone, for its top-down
-    pathway only: where the background tells nothing about the class, the masks learn to sit on
-    the objects, and AIM's fine-tuning starts from those masks (the backbone it fine-tunes is the
-    baseline's, the classifiers new). epochs 0 (the default, the study's recipe): none; the
-    study's experiment with it used 6 (docs/embedded_benchmark.md, "A pretrained pathway")."""
-    epochs: int = 0
+    pathway: the recipe starts AIM's lateral convolutions from it (``pathway_layers``
+    "lateral"), so from the first step AIM's classifiers read projections that were trained where
+    the background tells nothing about the class; the backbone AIM fine-tunes is the baseline's,
+    the mask estimators and classifiers start new (docs/embedded_benchmark.md, "A pretrained
+    pathway"). epochs 0: no pathway pretraining (AIM's pathway starts new)."""
+    epochs: int = 6
     lr: float = 1e-3
 
 
@@ -123,8 +124,8 @@ def pretrained_pathway(pretrain, backbone_weights, settings, overrides=None, thr
         return None, False, None
     config = TrainConfig(out="", model="aim", weights=backbone_weights, image_size=pretrain.image_size, seed=0, threads=threads,
                          **{**FINETUNE_DEFAULTS, **(overrides or {}), "epochs": settings.epochs, "lr": settings.lr,
-                            "backbone_lr": None, "pathway_weights": "none", "workers": 0})
-    recipe = {k: v for k, v in recorded_settings(config).items() if k not in ("threads", "use_reference", "weights")}
+                            "backbone_lr": None, "pathway_weights": "none", "pathway_layers": "all", "workers": 0})
+    recipe = {k: v for k, v in recorded_settings(config).items() if k not in ("threads", "use_reference", "weights", "pathway_layers")}
     recorded = {"version": PRETRAIN_VERSION, "backbone": os.path.basename(backbone_weights), "pretrain": dataclasses.asdict(pretrain),
                 "recipe": recipe}
     key = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:16]
@@ -202,11 +203,12 @@ def command_data(args):
 # 0.1 against objects of 6-14% of the image) kept exactly by every image in training too
 # ("fixed"), at that budget from the first epoch (no annealing: an epoch at tau 1 teaches the
 # classifier the background first), the mask logits led by the stage maps' energy (the saliency
-# prior, object-salient after pretraining).
+# prior, object-salient after pretraining), and the lateral convolutions from AIM's pathway
+# pretrained on the unbiased images (pathway_layers "lateral"; the path is :func:`pretrained_pathway`'s).
 FINETUNE_DEFAULTS = dict(backbone=SMALL_BACKBONE, depth=2, target=0.1, topdown_channels=64, mask_channels=32,
                          temperature=1.0, epochs=12, anneal_epochs=0, batch_size=64, lr=5e-4, backbone_lr=None,
                          weight_decay=1e-4, workers=0, preprocessing="raw", mask_budget="fixed",
-                         mask_saliency_prior=True)
+                         mask_saliency_prior=True, pathway_layers="lateral")
 
 
 def recorded_settings(config):
