@@ -7,6 +7,7 @@ import pytest
 import torch
 import torchvision
 
+from aim.app import study
 from aim.app.cli import main
 from aim.data.embedded import (AREA_RANGE, FINETUNE_CLASSES, HARDER_CLASSES, PRETRAIN_SHAPES, SCENES, SMALL_AREA_RANGE,
                                TEXTURES, UNSEEN_SCENES, colour_histograms, linear_probe_accuracy, make_pretraining_split,
@@ -131,6 +132,8 @@ def test_demo_runs_the_protocol_and_caches_the_pretrained_backbone(tmp_path, mon
     # AIM's pathway starts from the one pretrained on the unbiased images; the baseline has none.
     assert summary["records"]["aim"]["settings"]["pathway_weights"] == summary["pretrained_pathway"]
     assert summary["records"]["baseline"]["settings"]["pathway_weights"] == "none"
+    assert study.pretrained_pathway(study.PretrainSettings(), summary["pretrained_backbone"],
+                                    study.PathwaySettings(epochs=0)) == (None, False, None)  # --pathway-epochs 0: none
     # AIM is selected only among epochs at the target tau (select_annealed): here the last one.
     assert summary["records"]["aim"]["best_epoch"] == 2
     assert set(summary["table"]["aim"]["epg_masks"]) == {"2", "3"}
