@@ -143,7 +143,8 @@ def build_parser(train_defaults=None):
     demo.add_argument("--pretrain-size", type=int, default=pretrain.train_size, help="images of the unbiased pretraining set")
     demo.add_argument("--pretrain-epochs", type=int, default=pretrain.epochs, help="epochs of the backbone's pretraining")
     demo.add_argument("--pathway-epochs", type=int, default=pathway.epochs,
-                      help="epochs of AIM's pathway pretraining on the same images (AIM's masks start from it; 0: none)")
+                      help="epochs of AIM's pathway pretraining on the same images (AIM's lateral convolutions start "
+                           "from it; 0: none)")
     demo.add_argument("--reference", action="store_true", help="use the plain-PyTorch reference ops instead of the fused ones")
     # One thread by default: this model's ops are small, so on a 2-core machine shared with other
     # work a second intra-op thread mostly waits at barriers (measured 7x slower steps under load).
