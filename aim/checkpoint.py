@@ -29,7 +29,8 @@ def build_model(config, num_classes):
                temperature=config.temperature, use_reference=config.use_reference,
                initial_mask_logit=config.initial_mask_logit, mask_topdown_context=config.mask_topdown_context,
                pooling=config.pooling, mask_saliency_prior=config.mask_saliency_prior,
-               mask_budget=config.mask_budget, mask_blocks=config.mask_blocks, mask_image=config.mask_image)
+               mask_budget=config.mask_budget, mask_blocks=config.mask_blocks, mask_image=config.mask_image,
+               mask_estimator=config.mask_estimator)
     if config.pathway_weights != "none":
         load_pathway_weights(model, config.pathway_weights, config.pathway_layers)
     return model

@@ -12,7 +12,7 @@ from aim.data.transforms import PREPROCESSINGS
 from aim.errors import UsageError, first_line
 from aim.nn.backbones import BACKBONE_NAMES
 from aim.nn.timm_backbones import is_timm_name
-from aim.nn.topdown import MASK_BUDGETS, POOLINGS
+from aim.nn.topdown import MASK_BUDGETS, MASK_ESTIMATORS, POOLINGS
 
 # A 4-stage SmallConvNet (aim.nn.backbones) for toy data and tests, next to the torchvision names.
 SMALL_BACKBONE = "small_convnet"
@@ -84,6 +84,9 @@ class TrainConfig:
     topdown_channels: int = setting(256, "width of the top-down pathway", METHOD)
     mask_channels: int = setting(128, "width of each mask estimator", METHOD)
     mask_blocks: int = setting(3, "residual blocks of each mask estimator (fewer: cheaper)", METHOD)
+    mask_estimator: str = setting("dense", "dense: the paper's mask estimators (3x3 convolutions); separable: a 1x1 stem "
+                                  "and depthwise-separable residual blocks, ~1/10 of their multiply-adds", METHOD,
+                                  choices=MASK_ESTIMATORS)
     mask_image: bool = setting(False, "run the backbone a second time on the image masked by the finest mask, so the "
                                "classifiers read features of the kept pixels only (twice the backbone's cost)", METHOD)
     temperature: float = setting(1.0, "Gumbel temperature", METHOD)
@@ -129,6 +132,8 @@ class TrainConfig:
                              f"for {self.backbone}")
         if self.pooling not in POOLINGS:
             raise UsageError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.mask_estimator not in MASK_ESTIMATORS:
+            raise UsageError(f"--mask-estimator must be one of {', '.join(MASK_ESTIMATORS)}, got {self.mask_estimator!r}")
         if self.mask_budget not in MASK_BUDGETS:
             raise UsageError(f"--mask-budget must be one of {', '.join(MASK_BUDGETS)}, got {self.mask_budget!r}")
         if self.preprocessing not in PREPROCESSINGS:
@@ -174,7 +179,7 @@ def check_device(device):
 
 # Settings that checkpoints written before they existed do not record, with the value those runs used.
 SETTINGS_BEFORE_THEY_EXISTED = {"mask_budget": "loss", "mask_blocks": 3, "mask_image": False, "pathway_weights": "none",
-                                "pathway_layers": "all"}
+                                "pathway_layers": "all", "mask_estimator": "dense"}
 
 
 # Settings that no longer exist, with the value that meant "off": a checkpoint that recorded them

@@ -1,12 +1,13 @@
-"""What the mask estimators' depth costs: AIM with 3 residual blocks per estimator (the paper's)
-and with 1 (``mask_blocks=1``), against the plain torchvision classifier, in one process.
+"""What the mask estimators cost: AIM with the paper's estimators (dense, 3 residual blocks),
+with 1 block (``mask_blocks=1``) and with separable estimators (``mask_estimator="separable"``),
+against the plain torchvision classifier, in one process.
 
-    python benchmarks/bench_aim_estimator_cost.py [--quick] [--rounds R] [--blocks 3 1]
+    python benchmarks/bench_aim_estimator_cost.py [--quick] [--rounds R] [--variants dense:3 dense:1 separable:3]
 
 A training step and inference as in bench_backbones.py (AdamW step; eval-mode forward under
 no_grad), batch 8, one thread, the default ``aim.AIM(name, num_classes=2, depth=2)`` but for
-``mask_blocks``; every variant timed round-robin (common.time_interleaved), so load from other
-work hits all alike. Whether fewer blocks lose anything is the study's question
+``mask_estimator`` and ``mask_blocks``; every variant timed round-robin (common.time_interleaved),
+so load from other work hits all alike. Whether a cheaper estimator loses anything is the study's question
 (docs/performance.md has its answer). Writes benchmarks/results/aim_estimator_cost[_quick].json.
 """
 import argparse
@@ -27,10 +28,19 @@ SETTINGS = dict(batch=8, rounds=7)
 QUICK = dict(batch=2, rounds=2, image_size=64)
 
 
-def measure(name, image_size, blocks, s):
+def parse_variant(text):
+    """"KIND:BLOCKS" (e.g. separable:3) -> (kind, blocks)."""
+    kind, sep, blocks = text.partition(":")
+    if not sep or not blocks.isdigit():
+        raise argparse.ArgumentTypeError(f"expected KIND:BLOCKS such as dense:3, got {text!r}")
+    return kind, int(blocks)
+
+
+def measure(name, image_size, variants, s):
     torch.manual_seed(0)
     models = {"plain": plain_classifier(name, 2, image_size)}
-    models.update({f"aim, {b} blocks": aim.AIM(name, num_classes=2, depth=2, mask_blocks=b) for b in blocks})
+    models.update({f"aim, {kind}, {b} blocks": aim.AIM(name, num_classes=2, depth=2, mask_estimator=kind, mask_blocks=b)
+                   for kind, b in variants})
     images = torch.randn(s["batch"], 3, image_size, image_size)
     labels = torch.randint(0, 2, (s["batch"],))
     steps = {(kind, "train step"): train_step(m.train(), images, labels, kind != "plain") for kind, m in models.items()}
@@ -53,7 +63,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 2 at 64x64, 2 rounds, for a smoke run")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--blocks", type=int, nargs="+", default=[3, 1], help="mask_blocks values to time")
+    parser.add_argument("--variants", type=parse_variant, nargs="+", default=[("dense", 3), ("dense", 1), ("separable", 3)],
+                        metavar="KIND:BLOCKS", help="mask_estimator:mask_blocks of the AIM variants to time")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1, as bench_backbones.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,10 +73,10 @@ def main():
         s["rounds"] = args.rounds
     rows = []
     for name, size in CASES:
-        rows += measure(name, s.get("image_size", size), args.blocks, s)
+        rows += measure(name, s.get("image_size", size), args.variants, s)
         print(f"{name}: done", flush=True)
     common.print_table(rows, list(rows[0]))
-    meta = {**common.machine_info(), "settings": s, "blocks": args.blocks}
+    meta = {**common.machine_info(), "settings": s, "variants": [f"{k}:{b}" for k, b in args.variants]}
     print("wrote", *common.write_results("aim_estimator_cost" + ("_quick" if args.quick else ""), rows, meta))
 
 

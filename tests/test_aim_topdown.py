@@ -159,6 +159,7 @@ def test_mask_estimator_starts_mostly_active():
         (dict(mask_hidden_channels=0), "mask_hidden_channels must be a positive int"),
         (dict(mask_blocks=-1), "mask_blocks must be an int >= 0"),
         (dict(mask_blocks=1.5), "mask_blocks must be an int >= 0"),
+        (dict(mask_estimator="sparse"), "mask_estimator must be one of dense, separable"),
     ],
 )
 def test_bad_configuration(kwargs, message):
@@ -210,6 +211,21 @@ def test_compiles_without_graph_breaks_including_last_masks(training):
     assert grads.keys() == grads_eager.keys() and "mask_estimators.0.to_logit.weight" in grads
     for name in grads_eager:
         assert torch.equal(grads[name], grads_eager[name]), name
+
+
+def test_separable_estimators_train_every_parameter():
+    """mask_estimator="separable": a 1x1 stem, depthwise 3x3 + pointwise 1x1 in each block; one
+    training step's loss reaches every parameter of every estimator."""
+    torch.manual_seed(0)
+    module = aim.FusedTopDownMask(CHANNELS, out_channels=8, depth=2, mask_hidden_channels=8, mask_topdown_context=True,
+                                  mask_estimator="separable").train()
+    for estimator in module.mask_estimators:
+        assert estimator.stem[0].kernel_size == (1, 1) and len(estimator.blocks) == 3
+        assert all(block.depthwise1.groups == 8 and block.pointwise1.kernel_size == (1, 1) for block in estimator.blocks)
+    features, masks = module(stage_maps(), return_masks=True)
+    (sum(f.square().mean() for f in features.values()) + sum(m.mean() for m in masks.values())).backward()
+    for name, p in module.mask_estimators.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("blocks", [0, 1])

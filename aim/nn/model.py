@@ -34,6 +34,7 @@ class AIM(nn.Module):
         out_channels: width of the top-down pathway.
         mask_hidden_channels: width of each mask estimator.
         mask_blocks: residual blocks of each mask estimator.
+        mask_estimator: "dense" or "separable" (``FusedTopDownMask``'s option of that name).
         temperature: Gumbel temperature.
         weights: for a backbone given by name (None: random init; a torchvision name passes any
             other value to torchvision, a timm name takes "DEFAULT", timm's pretrained=True:
@@ -69,7 +70,8 @@ class AIM(nn.Module):
     def __init__(self, backbone, num_classes, depth=2, target=0.25, out_channels=256, mask_hidden_channels=128,
                  temperature=1.0, weights=None, stage_channels=None, use_reference=False, sparse_eval=True,
                  initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=True, pooling="all",
-                 mask_saliency_prior=False, mask_budget="eval", mask_blocks=3, mask_image=False):
+                 mask_saliency_prior=False, mask_budget="eval", mask_blocks=3, mask_image=False,
+                 mask_estimator="dense"):
         super().__init__()
         if isinstance(backbone, str):
             backbone = build_backbone(backbone, weights=weights, stages_used=depth)
@@ -86,7 +88,7 @@ class AIM(nn.Module):
                                         sparse_eval=sparse_eval, initial_mask_logit=initial_mask_logit,
                                         mask_topdown_context=mask_topdown_context, pooling=pooling,
                                         mask_saliency_prior=mask_saliency_prior, mask_budget=mask_budget,
-                                        mask_blocks=mask_blocks)
+                                        mask_blocks=mask_blocks, mask_estimator=mask_estimator)
         # One classifier per top-down stage (on O_l), finest first like the stage dicts.
         self.stage_classifiers = nn.ModuleList([nn.Linear(out_channels, num_classes) for _ in range(self.topdown.depth)])
         self.classifier = nn.Linear(out_channels, num_classes)

@@ -25,6 +25,7 @@ INITIAL_MASK_LOGIT = 2.0
 SALIENCY_WEIGHT = 2.0  # initial weight of the saliency prior: active where z > -1 at the initial logit
 POOLINGS = ("all", "active")
 MASK_BUDGETS = ("loss", "eval", "fixed")
+MASK_ESTIMATORS = ("dense", "separable")
 
 
 def reference_gumbel_binarize(logits, temperature=1.0, *, training=True):
@@ -51,9 +52,64 @@ class ResidualBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         return self.relu(self.bn2(self.conv2(out)) + x)
 
+    def conv_bn_pairs(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+    def foldable(self):
+        return True  # its convs are the pairs, checked by MaskEstimator._folded_convs
+
+    def folded_forward(self, x, folded):
+        """forward with ``folded`` = the (weight, bias) of conv_bn_pairs, BatchNorm folded in."""
+        (w1, b1), (w2, b2) = folded
+        out = nn.functional.conv2d(x, w1, b1, padding=1).relu_()
+        return nn.functional.conv2d(out, w2, b2, padding=1).add_(x).relu_()
+
+
+class SeparableResidualBlock(nn.Module):
+    """ResidualBlock with each 3x3 conv depthwise-separable (Xception's: depthwise 3x3, then
+    pointwise 1x1, BatchNorm after the pair): the same receptive field at 1/8-1/9 of the
+    multiply-adds for 128 channels (9C + C^2 per position instead of 9C^2)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.depthwise1 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.pointwise1 = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.depthwise2 = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.pointwise2 = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.pointwise1(self.depthwise1(x))))
+        return self.relu(self.bn2(self.pointwise2(self.depthwise2(out))) + x)
+
+    def conv_bn_pairs(self):
+        return [(self.pointwise1, self.bn1), (self.pointwise2, self.bn2)]
+
+    def foldable(self):
+        channels = self.bn1.num_features
+        return all(type(m) is nn.Conv2d and m.bias is None and m.groups == channels and m.padding == (1, 1)
+                   and m.stride == (1, 1) and m.dilation == (1, 1) for m in (self.depthwise1, self.depthwise2))
+
+    def folded_forward(self, x, folded):
+        """forward with ``folded`` = the (weight, bias) of conv_bn_pairs, BatchNorm folded into
+        the pointwise convs (the depthwise ones run as they are)."""
+        conv = nn.functional.conv2d
+        (w1, b1), (w2, b2) = folded
+        channels = x.shape[1]
+        out = conv(conv(x, self.depthwise1.weight, None, padding=1, groups=channels), w1, b1).relu_()
+        return conv(conv(out, self.depthwise2.weight, None, padding=1, groups=channels), w2, b2).add_(x).relu_()
+
 
 class MaskEstimator(nn.Module):
-    """M_l: 3x3 conv, residual blocks, a global-average-pool branch, 1x1 conv to one logit channel.
+    """M_l: a stem conv, residual blocks, a global-average-pool branch, 1x1 conv to one logit channel.
+
+    ``kind`` "dense" (the paper's): a 3x3 stem conv and ResidualBlocks. "separable": a 1x1 stem
+    conv (the input's many channels -- S_l and the upsampled context -- projected per position)
+    and SeparableResidualBlocks, so the spatial context comes from the blocks' depthwise 3x3
+    convs: about 1/10 of the dense estimator's multiply-adds at 128 channels
+    (docs/performance.md).
 
     The pool branch (pool -> linear -> one scalar per image) is added to the logit map at every
     position: it lets image-level context shift the whole mask up or down, which the mask loss
@@ -68,14 +124,19 @@ class MaskEstimator(nn.Module):
     """
 
     def __init__(self, in_channels, hidden_channels=128, num_blocks=3, initial_logit=INITIAL_MASK_LOGIT,
-                 saliency_channels=None):
+                 saliency_channels=None, kind="dense"):
         super().__init__()
+        if kind not in MASK_ESTIMATORS:
+            raise ValueError(f"kind must be one of {', '.join(MASK_ESTIMATORS)}, got {kind!r}")
+        self.kind = kind
+        stem_size = 3 if kind == "dense" else 1
+        block = ResidualBlock if kind == "dense" else SeparableResidualBlock
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False),
+            nn.Conv2d(in_channels, hidden_channels, stem_size, padding=stem_size // 2, bias=False),
             nn.BatchNorm2d(hidden_channels),
             nn.ReLU(inplace=True),
         )
-        self.blocks = nn.Sequential(*[ResidualBlock(hidden_channels) for _ in range(num_blocks)])
+        self.blocks = nn.Sequential(*[block(hidden_channels) for _ in range(num_blocks)])
         self.global_branch = nn.Linear(hidden_channels, 1)
         self.to_logit = nn.Conv2d(hidden_channels, 1, 1)
         nn.init.constant_(self.to_logit.bias, initial_logit)
@@ -86,22 +147,24 @@ class MaskEstimator(nn.Module):
         # Inference speed switches (same function up to rounding; tests/test_estimator_speed.py).
         self.eval_channels_last = True
         self.fold_batchnorm = True
-        self._folded = None  # (key, folded (weight, bias) per conv): see _folded_convs
+        self._folded = None  # (key, folded (weight, bias) per conv-BatchNorm pair): see _folded_convs
 
     def _folded_convs(self):
-        """Per 3x3 conv of stem and blocks, in order, (weight, bias) with its eval-mode BatchNorm
-        folded in: W * s, beta - mean * s, s = gamma / sqrt(var + eps). Cached until a parameter
-        or running statistic changes (in place: its version; replaced: its storage). None when
-        the layers are not the ones __init__ built (swapped by a user) or under a compiler."""
+        """Per conv-BatchNorm pair of stem and blocks, in order, (weight, bias) with its eval-mode
+        BatchNorm folded in: W * s, beta - mean * s, s = gamma / sqrt(var + eps). Cached until a
+        parameter or running statistic changes (in place: its version; replaced: its storage).
+        None when the layers are not the ones __init__ built (swapped by a user) or under a compiler."""
         if torch.compiler.is_compiling():
             return None
-        if len(self.stem) != 3 or type(self.stem[2]) is not nn.ReLU or any(type(b) is not ResidualBlock for b in self.blocks):
+        if (len(self.stem) != 3 or type(self.stem[2]) is not nn.ReLU
+                or any(type(b) not in (ResidualBlock, SeparableResidualBlock) or not b.foldable() for b in self.blocks)):
             return None
-        pairs = [(self.stem[0], self.stem[1])] + [p for b in self.blocks for p in ((b.conv1, b.bn1), (b.conv2, b.bn2))]
+        pairs = [(self.stem[0], self.stem[1])] + [p for b in self.blocks for p in b.conv_bn_pairs()]
         tensors = []
         for conv, bn in pairs:
+            same_size = (conv.padding[0] * 2 + 1, conv.padding[1] * 2 + 1) == conv.kernel_size
             if (type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or conv.bias is not None or bn.running_var is None
-                    or not bn.affine or (conv.stride, conv.padding, conv.dilation, conv.groups) != ((1, 1), (1, 1), (1, 1), 1)):
+                    or not bn.affine or not same_size or (conv.stride, conv.dilation, conv.groups) != ((1, 1), (1, 1), 1)):
                 return None
             tensors += [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
@@ -113,6 +176,15 @@ class MaskEstimator(nn.Module):
             self._folded = (key, folded)
         return self._folded[1]
 
+    def _folded_hidden(self, x, folded):
+        """``blocks(stem(x))`` with the BatchNorms folded into the convolutions (``folded``:
+        _folded_convs), ReLU in place."""
+        (weight, bias), rest = folded[0], folded[1:]
+        hidden = nn.functional.conv2d(x, weight, bias, padding=self.stem[0].padding).relu_()
+        for i, block in enumerate(self.blocks):
+            hidden = block.folded_forward(hidden, rest[2 * i:2 * i + 2])
+        return hidden
+
     def forward(self, x):
         if self.eval_channels_last and not self.training and isinstance(x, torch.Tensor) and x.device.type == "cpu":
             # oneDNN's CPU convolutions at these small maps (5x5 to 14x14, batch 8) run 1.07-1.19x
@@ -120,24 +192,12 @@ class MaskEstimator(nn.Module):
             # the same memory either way. Train mode stays NCHW: there it measured 0.93-1.06x.
             x = x.contiguous(memory_format=torch.channels_last)
         folded = self._folded_convs() if self.fold_batchnorm and not self.training and not torch.is_grad_enabled() else None
-        hidden = self.blocks(self.stem(x)) if folded is None else _folded_hidden(x, folded)
+        hidden = self.blocks(self.stem(x)) if folded is None else self._folded_hidden(x, folded)
         global_shift = self.global_branch(hidden.mean(dim=(2, 3)))
         logit = self.to_logit(hidden) + global_shift[:, :, None, None]
         if self.saliency_weight is not None:
             logit = logit + self.saliency_weight * saliency(x[:, :self.saliency_channels]).to(logit.dtype)
         return logit
-
-
-def _folded_hidden(x, folded):
-    """``blocks(stem(x))`` with the BatchNorms folded into the convolutions (``folded``:
-    MaskEstimator._folded_convs), ReLU in place."""
-    nnf = torch.nn.functional
-    (weight, bias), rest = folded[0], folded[1:]
-    hidden = nnf.conv2d(x, weight, bias, padding=1).relu_()
-    for (w1, b1), (w2, b2) in zip(rest[0::2], rest[1::2]):
-        out = nnf.conv2d(hidden, w1, b1, padding=1).relu_()
-        hidden = nnf.conv2d(out, w2, b2, padding=1).add_(hidden).relu_()
-    return hidden
 
 
 def saliency(stage):
@@ -179,6 +239,8 @@ class FusedTopDownMask(nn.Module):
             anneals to; read by ``aim.MaskAnnealing.for_model``).
         mask_hidden_channels: width of the mask estimators.
         mask_blocks: residual blocks of each mask estimator (3, the paper's; fewer: cheaper).
+        mask_estimator: "dense" (the paper's 3x3 convolutions) or "separable" (a 1x1 stem and
+            depthwise-separable blocks, ~1/10 of the multiply-adds): ``MaskEstimator``'s kind.
         use_reference: run the plain-PyTorch reference ops (``aim_kernels.reference``) instead of
             the fused ops; same parameters and seed give the same outputs and gradients.
         sparse_eval: in eval mode, compute each lateral T_l only where its mask is active and
@@ -217,7 +279,7 @@ class FusedTopDownMask(nn.Module):
     def __init__(self, in_channels_list, out_channels, depth=None, temperature=1.0, target=0.25,
                  mask_hidden_channels=128, use_reference=False, sparse_eval=True,
                  initial_mask_logit=INITIAL_MASK_LOGIT, mask_topdown_context=False, pooling="all",
-                 mask_saliency_prior=False, mask_budget="loss", mask_blocks=3):
+                 mask_saliency_prior=False, mask_budget="loss", mask_blocks=3, mask_estimator="dense"):
         super().__init__()
         in_channels_list = list(in_channels_list)
         if not in_channels_list or not all(isinstance(c, int) and c > 0 for c in in_channels_list):
@@ -239,6 +301,8 @@ class FusedTopDownMask(nn.Module):
             raise ValueError(f"mask_hidden_channels must be a positive int, got {mask_hidden_channels!r}")
         if isinstance(mask_blocks, bool) or not isinstance(mask_blocks, int) or mask_blocks < 0:
             raise ValueError(f"mask_blocks must be an int >= 0, got {mask_blocks!r}")
+        if mask_estimator not in MASK_ESTIMATORS:
+            raise ValueError(f"mask_estimator must be one of {', '.join(MASK_ESTIMATORS)}, got {mask_estimator!r}")
         if mask_budget not in MASK_BUDGETS:
             raise ValueError(f"mask_budget must be one of {', '.join(MASK_BUDGETS)}, got {mask_budget!r}")
         self.pooling = pooling
@@ -261,7 +325,7 @@ class FusedTopDownMask(nn.Module):
         self.mask_saliency_prior = bool(mask_saliency_prior)
         self.mask_estimators = nn.ModuleList([
             MaskEstimator(c + extra, mask_hidden_channels, num_blocks=mask_blocks, initial_logit=initial_mask_logit,
-                          saliency_channels=c if self.mask_saliency_prior else None)
+                          saliency_channels=c if self.mask_saliency_prior else None, kind=mask_estimator)
             for c, extra in zip(run_channels, context_channels)])
         self.last_masks = None
         # False: train mode thresholds the logits without Gumbel noise (straight-through gradient
@@ -272,7 +336,8 @@ class FusedTopDownMask(nn.Module):
         return (f"in_channels_list={self.in_channels_list}, out_channels={self.out_channels}, depth={self.depth}, "
                 f"temperature={self.temperature}, target={self.target}, use_reference={self.use_reference}, "
                 f"sparse_eval={self.sparse_eval}, mask_topdown_context={self.mask_topdown_context}, pooling={self.pooling!r}, "
-                f"mask_saliency_prior={self.mask_saliency_prior}, mask_budget={self.mask_budget!r}")
+                f"mask_saliency_prior={self.mask_saliency_prior}, mask_budget={self.mask_budget!r}, "
+                f"mask_estimator={self.mask_estimators[0].kind!r}")
 
     def forward(self, x, return_masks=False):
         result = self.run(x)
