@@ -32,6 +32,7 @@ from bench_backbones import inference, train_step  # noqa: E402
 
 import aim  # noqa: E402
 from aim.nn.backbones import build_backbone  # noqa: E402
+from aim.nn.topdown import MASK_ESTIMATORS  # noqa: E402
 from aim.app.profiling import plain_classifier  # noqa: E402
 
 CASES = (("resnet18", 160), ("convnext_tiny", 224))
@@ -169,9 +170,10 @@ def train_step_scoped(model, images, labels, is_aim):
     return step
 
 
-def measure(name, image_size, s, switches_off=False):
+def measure(name, image_size, s, switches_off=False, mask_estimator="dense"):
     torch.manual_seed(0)
-    model = aim.AIM(build_backbone(name, stages_used=s["depth"]), num_classes=s["num_classes"], depth=s["depth"])
+    model = aim.AIM(build_backbone(name, stages_used=s["depth"]), num_classes=s["num_classes"], depth=s["depth"],
+                    mask_estimator=mask_estimator)
     if switches_off:  # the mask estimators' inference speed switches (bench_aim_speedups.py): as before them
         model = with_switches_off(model)
     models = {"aim": model, "plain": plain_classifier(name, s["num_classes"], image_size)}
@@ -230,6 +232,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1, as bench_backbones.py)")
     parser.add_argument("--switches-off", action="store_true",
                         help="profile AIM with the mask estimators' speed switches off (the computation before them)")
+    parser.add_argument("--mask-estimator", default="dense", choices=MASK_ESTIMATORS, help="AIM's mask_estimator")
     parser.add_argument("--print", metavar="RESULTS_JSON", help="only print the tables of a results file this script wrote")
     args = parser.parse_args()
     if args.print:
@@ -241,11 +244,13 @@ def main():
     sizes = dict(CASES)
     rows = []
     for name in args.backbones:
-        rows += measure(name, s.get("image_size", sizes.get(name, 224)), s, args.switches_off)
+        rows += measure(name, s.get("image_size", sizes.get(name, 224)), s, args.switches_off, args.mask_estimator)
     print_profile(rows)
-    meta = {**common.machine_info(), "settings": s, "switches_off": args.switches_off,
+    meta = {**common.machine_info(), "settings": s, "switches_off": args.switches_off, "mask_estimator": args.mask_estimator,
             "env": {k: os.environ.get(k) for k in common.ALLOCATOR_SETTINGS["no-alloc-faults"]}}
-    print("wrote", *common.write_results("aim_profile" + ("_switches_off" if args.switches_off else "") + ("_quick" if args.quick else ""), rows, meta))
+    print("wrote", *common.write_results("aim_profile" + ("_switches_off" if args.switches_off else "")
+                                     + ("" if args.mask_estimator == "dense" else f"_{args.mask_estimator}")
+                                     + ("_quick" if args.quick else ""), rows, meta))
 
 
 if __name__ == "__main__":
