@@ -206,7 +206,7 @@ def test_separable_estimators_cost_a_tenth(backbone, image_size):
     """Per position a dense 3x3 conv at width C costs 9C^2 multiply-adds, a separable one
     9C + C^2 (1/8.4 at 128), and the stem reads its many input channels with a 1x1 instead of a
     3x3 (1/9): what AIM adds over the plain classifier (laterals and heads included) drops to
-    at most 0.15 of the dense estimators' count: 1.1% (convnext_tiny@224) and 2.3% (resnet18@160)
+    at most 0.15 of the dense variant's count: 1.1% (convnext_tiny@224) and 2.3% (resnet18@160)
     of the plain classifier's."""
     dense = added_cost(backbone, depth=2, image_size=image_size, num_classes=2, mask_estimator="dense")
     separable = added_cost(backbone, depth=2, image_size=image_size, num_classes=2, mask_estimator="separable")
