@@ -29,7 +29,7 @@ import time
 import torch
 
 from aim.app import study
-from aim.data.embedded import FINETUNE_CLASSES, PRETRAIN_SHAPES
+from aim.data.embedded import FINETUNE_CLASSES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -85,19 +85,27 @@ def flat_metrics(row):
             "auc_background_extreme": _extreme(v["auc_background"] for v in leak)}
 
 
-def run_embedded(args, overrides, log):
+def pretrain_models(args, overrides, log, images="shapes"):
+    """(backbone weights, AIM pathway weights or None, the backbone's pretraining val accuracy),
+    pretrained on the unbiased set ``images`` (study.PRETRAINING_SETS) or taken from the cache."""
     # A backbone set for fine-tuning (--set backbone=timm:... [--set timm_kwargs=...]) is pretrained the same way.
     pretrain = study.PretrainSettings(image_size=args.image_size, seed=0, backbone=overrides.get("backbone", study.SMALL_BACKBONE),
-                                      timm_kwargs=overrides.get("timm_kwargs"), lr=args.pretrain_lr, epochs=args.pretrain_epochs)
+                                      timm_kwargs=overrides.get("timm_kwargs"), lr=args.pretrain_lr, epochs=args.pretrain_epochs,
+                                      images=images)
     weights, trained, pretrain_acc = study.pretrained_backbone(pretrain, threads=args.threads, log=log)
     log(f"pretrained backbone: {weights} ({'trained now' if trained else 'from the cache'}), "
-        f"val accuracy {pretrain_acc:.3f} over {len(PRETRAIN_SHAPES)} shapes")
+        f"val accuracy {pretrain_acc:.3f} over the unbiased {images}")
     pathway = None
     if "aim" in args.models:
         pathway, trained, pathway_acc = study.pretrained_pathway(pretrain, weights, study.PathwaySettings(epochs=args.pathway_epochs),
                                                                  overrides, threads=args.threads, log=log)
         if pathway is not None:
             log(f"pretrained AIM pathway: {pathway} ({'trained now' if trained else 'from the cache'}), val accuracy {pathway_acc:.3f}")
+    return weights, pathway, pretrain_acc
+
+
+def run_embedded(args, overrides, log):
+    weights, pathway, pretrain_acc = pretrain_models(args, overrides, log)
     records = []
     with tempfile.TemporaryDirectory(prefix="aim_study_") as tmp:
         for correlation in args.correlations:
@@ -125,6 +133,13 @@ def run_folder(args, overrides, log):
     from aim.app.train import fit
     from aim.checkpoint import read_checkpoint, model_from_checkpoint
 
+    weights, pathway = args.weights, None
+    if args.pretrain:  # the embedded benchmark's protocol: backbone and AIM's pathway pretrained on an unbiased set
+        if "backbone" in overrides or args.backbone != study.SMALL_BACKBONE or args.weights != "none":
+            raise SystemExit(f"--pretrain pretrains {study.SMALL_BACKBONE} and fine-tunes from it: pass --backbone "
+                             f"{study.SMALL_BACKBONE} and no --weights")
+        weights, pathway, _ = pretrain_models(args, overrides, log, images=args.pretrain)
+        overrides = {"preprocessing": "raw", **({"pathway_weights": pathway} if pathway else {}), **overrides}
     # A folder of photographs goes through the ImageNet pipeline unless --set preprocessing=raw.
     settings = {**study.FINETUNE_DEFAULTS, "preprocessing": "imagenet", **overrides, "backbone": args.backbone}
     opened = dict(segmentations=args.segmentations, preprocessing=settings["preprocessing"])
@@ -136,8 +151,10 @@ def run_folder(args, overrides, log):
         for seed in args.seeds:
             for kind in args.models:
                 out = os.path.join(tmp, f"{kind}_{seed}")
-                config = TrainConfig(out=out, model=kind, weights=args.weights, image_size=args.image_size, seed=seed,
-                                     threads=args.threads, data=args.data, segmentations=args.segmentations, **settings)
+                # The pretrained pathway is AIM's only (as study.finetune does); the baseline has none.
+                ours = {k: v for k, v in settings.items() if kind == "aim" or k != "pathway_weights"}
+                config = TrainConfig(out=out, model=kind, weights=weights, image_size=args.image_size, seed=seed,
+                                     threads=args.threads, data=args.data, segmentations=args.segmentations, **ours)
                 started = time.perf_counter()
                 fit(config, train, val, log=lambda *a: None)
                 checkpoint = read_checkpoint(os.path.join(out, "best.pt"))
@@ -246,6 +263,10 @@ def main(argv=None):
     parser.add_argument("--segmentations", metavar="DIR", help="foreground masks of --data (for EPG)")
     parser.add_argument("--weights", default="none", help="backbone weights for --data (none, DEFAULT or a file)")
     parser.add_argument("--backbone", default="resnet50", help="backbone for --data")
+    parser.add_argument("--pretrain", choices=study.PRETRAINING_SETS,
+                        help="for --data: pretrain small_convnet and AIM's pathway on this unbiased set first (cached; "
+                             "'photos': aim.data.photos.make_pretraining_split), fine-tune from them with preprocessing raw "
+                             "(replaces --weights)")
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/study_spurious[_<name>])")
     args = parser.parse_args(argv)
     args.classes = dict(args.classes) if args.classes else None

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("skimage", reason="aim.data.photos reads the photographs scikit-image ships (requirements.txt)")
@@ -132,3 +133,20 @@ def test_bad_counts():
         photos.split_groups("val", 6, 1.0)
     with pytest.raises(ValueError, match="even"):
         photos.split_groups("train", 7, 1.0)
+
+
+def test_pretraining_split_is_unbiased_and_holds_no_task_object():
+    """The photo task's pretraining set: classes balanced over the photographs of
+    PRETRAIN_OBJECT_PHOTOS (no face, no coin), scene photographs drawn independently of the
+    class, deterministic per seed, every image's object marked in its foreground."""
+    assert not {"lfw_subset.npy", "coins.png", "astronaut.png", "camera.png"} & set(photos.PRETRAIN_OBJECT_PHOTOS)
+    a = photos.make_pretraining_split(60, image_size=32, seed=4)
+    b = photos.make_pretraining_split(60, image_size=32, seed=4)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert torch.bincount(a.labels).tolist() == [6] * len(photos.PRETRAIN_OBJECT_PHOTOS)
+    assert a.images.shape == (60, 3, 32, 32) and 0 <= a.images.min() and a.images.max() <= 1
+    assert (a.foregrounds.flatten(1).sum(1) > 0).all()
+    assert len(a.background_names) == 8 and len(set(a.backgrounds.tolist())) > 4
+    assert a.as_dataset().has_groups is False  # selected on accuracy, as the shapes' pretraining set
+    with pytest.raises(ValueError, match="count"):
+        photos.make_pretraining_split(5)

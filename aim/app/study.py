@@ -26,6 +26,8 @@ from aim.config import SMALL_BACKBONE, TrainConfig
 from aim.app.train import fit
 from aim.checkpoint import read_checkpoint, model_from_checkpoint
 
+# The unbiased pretraining sets: generated shapes on textures (the embedded task's), photographs (the photo task's).
+PRETRAINING_SETS = ("shapes", "photos")
 # Bump when the generator or the pretraining recipe changes: cached backbones are then retrained.
 PRETRAIN_VERSION = 2
 
@@ -41,6 +43,7 @@ class PretrainSettings:
     seed: int = 0
     backbone: str = SMALL_BACKBONE  # or any aim train --backbone, e.g. timm:vit_tiny_patch16_224
     timm_kwargs: dict = None        # timm.create_model arguments of a timm:NAME backbone
+    images: str = "shapes"          # or "photos": aim.data.photos.make_pretraining_split, for the photo task
 
 
 @dataclasses.dataclass
@@ -80,6 +83,8 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
     recorded = dataclasses.asdict(settings)
     if settings.backbone == SMALL_BACKBONE and settings.timm_kwargs is None:  # the key of caches made before these fields existed
         del recorded["backbone"], recorded["timm_kwargs"]
+    if settings.images == "shapes":
+        del recorded["images"]
     key = hashlib.sha256(json.dumps({"version": PRETRAIN_VERSION, **recorded}, sort_keys=True).encode()).hexdigest()[:16]
     folder = os.path.join(cache if cache is not None else cache_dir(), "pretrained")
     path = os.path.join(folder, f"{settings.backbone.replace(':', '_')}_{key}.pt")
@@ -90,18 +95,21 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
     config = TrainConfig(out="", model="baseline", backbone=settings.backbone, timm_kwargs=settings.timm_kwargs, epochs=settings.epochs,
                          anneal_epochs=0, batch_size=settings.batch_size, lr=settings.lr,
                          image_size=settings.image_size, preprocessing="raw", workers=0, seed=settings.seed, threads=threads)
-    log(f"pretraining {settings.backbone} on {len(train)} unbiased images ({len(train.class_names)} shapes on "
-        f"{len(train.background_names)} texture families), {settings.epochs} epochs; cached as {path}")
+    log(f"pretraining {settings.backbone} on {len(train)} unbiased images ({len(train.class_names)} {settings.images} on "
+        f"{len(train.background_names)} backgrounds), {settings.epochs} epochs; cached as {path}")
     _train_into(path, config, train, val, log)
     return path, True, read_checkpoint(path)["val"]["accuracy"]
 
 
 def pretraining_splits(settings):
     """(train, val) of the unbiased pretraining set of ``settings`` (a :class:`PretrainSettings`)."""
-    from aim.data.embedded import make_pretraining_split
+    from aim.data import embedded, photos
 
-    return (make_pretraining_split(settings.train_size, settings.image_size, seed=settings.seed * 1000 + 1),
-            make_pretraining_split(settings.val_size, settings.image_size, seed=settings.seed * 1000 + 2))
+    if settings.images not in PRETRAINING_SETS:
+        raise ValueError(f"PretrainSettings.images must be one of {', '.join(PRETRAINING_SETS)}, got {settings.images!r}")
+    make = {"shapes": embedded.make_pretraining_split, "photos": photos.make_pretraining_split}[settings.images]
+    return (make(settings.train_size, settings.image_size, seed=settings.seed * 1000 + 1),
+            make(settings.val_size, settings.image_size, seed=settings.seed * 1000 + 2))
 
 
 def _train_into(path, config, train, val, log):
@@ -126,7 +134,10 @@ def pretrained_pathway(pretrain, backbone_weights, settings, overrides=None, thr
                          **{**FINETUNE_DEFAULTS, **(overrides or {}), "epochs": settings.epochs, "lr": settings.lr,
                             "backbone_lr": None, "pathway_weights": "none", "pathway_layers": "all", "workers": 0})
     recipe = {k: v for k, v in recorded_settings(config).items() if k not in ("threads", "use_reference", "weights", "pathway_layers")}
-    recorded = {"version": PRETRAIN_VERSION, "backbone": os.path.basename(backbone_weights), "pretrain": dataclasses.asdict(pretrain),
+    pretrain_recorded = dataclasses.asdict(pretrain)
+    if pretrain.images == "shapes":  # the key of caches made before the field existed
+        del pretrain_recorded["images"]
+    recorded = {"version": PRETRAIN_VERSION, "backbone": os.path.basename(backbone_weights), "pretrain": pretrain_recorded,
                 "recipe": recipe}
     key = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache if cache is not None else cache_dir(), "pretrained", f"aim_pathway_{key}.pt")

@@ -41,6 +41,10 @@ PLACE_NAMES = ("ground", "scene")
 PLACE_PHOTOS = (("grass.png", "gravel.png", "brick.png", "moon.png"),
                 ("hubble_deep_field.jpg", "rocket.jpg", "motorcycle_left.png", "coffee.png"))
 FACES_FILE, COINS_FILE = "lfw_subset.npy", "coins.png"
+# The pretraining set's classes (make_pretraining_split): other photographs of the wheel, none of a
+# face or a coin (astronaut.png and camera.png show faces: left out), as ImageNet holds no CUB bird.
+PRETRAIN_OBJECT_PHOTOS = ("cell.png", "chelsea.png", "clock_motion.png", "ihc.png", "logo.png", "page.png",
+                          "phantom.png", "retina.jpg", "text.png", "horse.png")
 DEFAULT_COUNTS = {"train": 800, "val": 200, "test": 400}
 SPLIT_OF_INDEX = ("train", "train", "train", "val", "test")  # instance or tile index mod 5
 TILES_PER_SIDE = 4  # tiles along the shorter side of a scene photograph
@@ -53,7 +57,7 @@ def skimage_data_dir():
         raise ImportError("aim.data.photos reads the photographs that scikit-image ships in its wheel: "
                           "pip install scikit-image==0.26.0 (pinned in requirements.txt)")
     folder = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    missing = [name for name in (FACES_FILE, COINS_FILE, *PLACE_PHOTOS[0], *PLACE_PHOTOS[1])
+    missing = [name for name in (FACES_FILE, COINS_FILE, *PLACE_PHOTOS[0], *PLACE_PHOTOS[1], *PRETRAIN_OBJECT_PHOTOS)
                if not os.path.isfile(os.path.join(folder, name))]
     if missing:
         raise ImportError(f"{folder}: the installed scikit-image lacks {', '.join(missing)} "
@@ -142,6 +146,47 @@ def split_groups(split, count, spurious_correlation):
         raise ValueError(f"the {split} split needs a count divisible by 4 (one quarter per group), got {count}")
     groups = np.repeat(np.arange(4), count // 4)
     return groups // 2, groups % 2
+
+
+def make_pretraining_split(count, image_size=64, seed=0, object_scale=(0.28, 0.42), data_dir=None):
+    """The unbiased pretraining set of the photo task, as ImageNet is WaterBirds': class = one of
+    ``PRETRAIN_OBJECT_PHOTOS`` (classes balanced); each object a random square crop of that
+    photograph (25-60% of its shorter side), grey, cut to a disk, pasted as the task's objects are
+    (random brightness and size, ``_paste``) on a crop of one of the eight scene photographs drawn
+    independently of the class, from the tiles of the task's train split only. So the backbone
+    learns to find and tell apart grey objects on both places, and never sees a face or a coin.
+    Returns an :class:`aim.data.embedded.EmbeddedSplit` (backgrounds: the scene photograph)."""
+    import torch
+    from PIL import Image
+
+    from aim.data.embedded import EmbeddedSplit
+
+    if count < len(PRETRAIN_OBJECT_PHOTOS):
+        raise ValueError(f"count must be at least {len(PRETRAIN_OBJECT_PHOTOS)} (one image per class), got {count}")
+    folder = data_dir or skimage_data_dir()
+    greys = []
+    for name in PRETRAIN_OBJECT_PHOTOS:
+        with Image.open(os.path.join(folder, name)) as image:
+            greys.append(np.asarray(image.convert("L")))
+    scenes = [scene for place in load_sources(folder)["places"] for scene in place["train"]]
+    scene_names = tuple(name for names in PLACE_PHOTOS for name in names)
+    rng = np.random.default_rng([seed, 3])
+    labels = rng.permutation(np.arange(count) % len(PRETRAIN_OBJECT_PHOTOS))
+    backgrounds = rng.integers(len(scenes), size=count)
+    s = image_size
+    images = np.empty((count, s, s, 3), np.uint8)
+    foregrounds = np.zeros((count, s, s), np.uint8)
+    for i in range(count):
+        photo, tiles = scenes[backgrounds[i]]
+        images[i] = _scene_crop(photo, tiles[rng.integers(len(tiles))], s, rng)
+        grey = greys[labels[i]]
+        side = int(rng.integers(int(0.25 * min(grey.shape)), int(0.6 * min(grey.shape)) + 1))
+        y0, x0 = int(rng.integers(grey.shape[0] - side + 1)), int(rng.integers(grey.shape[1] - side + 1))
+        _paste(images[i], foregrounds[i], grey[y0:y0 + side, x0:x0 + side], _disk(side), s, object_scale, rng)
+    names = tuple(os.path.splitext(name)[0] for name in PRETRAIN_OBJECT_PHOTOS)
+    return EmbeddedSplit(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels).long(),
+                         torch.from_numpy(backgrounds).long(), torch.from_numpy(foregrounds)[:, None], names, scene_names,
+                         tuple(names[k] for k in labels.tolist()), tuple(scene_names[k] for k in backgrounds.tolist()))
 
 
 def make_photo_split(sources, split, count, image_size=64, spurious_correlation=1.0, seed=0,
