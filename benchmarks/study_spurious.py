@@ -266,7 +266,7 @@ def main(argv=None):
     parser.add_argument("--pretrain", choices=study.PRETRAINING_SETS,
                         help="for --data: pretrain small_convnet and AIM's pathway on this unbiased set first (cached; "
                              "'photos': aim.data.photos.make_pretraining_split), fine-tune from them with preprocessing raw "
-                             "(replaces --weights)")
+                             "(not with --weights)")
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/study_spurious[_<name>])")
     args = parser.parse_args(argv)
     args.classes = dict(args.classes) if args.classes else None

@@ -80,11 +80,9 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
     """Path of a checkpoint of SmallConvNet pretrained on the unbiased set (a baseline model over
     the ``PRETRAIN_SHAPES`` classes), training it first unless the cache has it. Returns (path,
     whether it was trained now, the pretraining val accuracy)."""
-    recorded = dataclasses.asdict(settings)
+    recorded = _recorded_pretrain(settings)
     if settings.backbone == SMALL_BACKBONE and settings.timm_kwargs is None:  # the key of caches made before these fields existed
         del recorded["backbone"], recorded["timm_kwargs"]
-    if settings.images == "shapes":
-        del recorded["images"]
     key = hashlib.sha256(json.dumps({"version": PRETRAIN_VERSION, **recorded}, sort_keys=True).encode()).hexdigest()[:16]
     folder = os.path.join(cache if cache is not None else cache_dir(), "pretrained")
     path = os.path.join(folder, f"{settings.backbone.replace(':', '_')}_{key}.pt")
@@ -99,6 +97,15 @@ def pretrained_backbone(settings, threads=1, log=print, cache=None):
         f"{len(train.background_names)} backgrounds), {settings.epochs} epochs; cached as {path}")
     _train_into(path, config, train, val, log)
     return path, True, read_checkpoint(path)["val"]["accuracy"]
+
+
+def _recorded_pretrain(settings):
+    """The fields of a :class:`PretrainSettings` that key its caches; ``images`` only when not the
+    shapes, so caches made before the field existed keep their key."""
+    recorded = dataclasses.asdict(settings)
+    if settings.images == "shapes":
+        del recorded["images"]
+    return recorded
 
 
 def pretraining_splits(settings):
@@ -134,10 +141,7 @@ def pretrained_pathway(pretrain, backbone_weights, settings, overrides=None, thr
                          **{**FINETUNE_DEFAULTS, **(overrides or {}), "epochs": settings.epochs, "lr": settings.lr,
                             "backbone_lr": None, "pathway_weights": "none", "pathway_layers": "all", "workers": 0})
     recipe = {k: v for k, v in recorded_settings(config).items() if k not in ("threads", "use_reference", "weights", "pathway_layers")}
-    pretrain_recorded = dataclasses.asdict(pretrain)
-    if pretrain.images == "shapes":  # the key of caches made before the field existed
-        del pretrain_recorded["images"]
-    recorded = {"version": PRETRAIN_VERSION, "backbone": os.path.basename(backbone_weights), "pretrain": pretrain_recorded,
+    recorded = {"version": PRETRAIN_VERSION, "backbone": os.path.basename(backbone_weights), "pretrain": _recorded_pretrain(pretrain),
                 "recipe": recipe}
     key = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(cache if cache is not None else cache_dir(), "pretrained", f"aim_pathway_{key}.pt")
