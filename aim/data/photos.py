@@ -67,8 +67,7 @@ def skimage_data_dir():
 
 def load_sources(data_dir=None):
     """{"objects": [(class, [(grey uint8 HxW, bool HxW mask), ...] per split)], "places": ...}:
-    objects[y][split] is the list of instances of class y in that split; places[p][split] the
-    list of (RGB uint8 photo, [(top, left, side) tile, ...]) of place p."""
+    objects[y][split] is the list of instances of class y in that split; places as :func:`_load_places`."""
     from PIL import Image
 
     folder = data_dir or skimage_data_dir()
@@ -79,7 +78,13 @@ def load_sources(data_dir=None):
         coins = np.asarray(image.convert("L"))
     coin_items = _segment_coins(coins)
 
-    objects = [_by_split(face_items), _by_split(coin_items)]
+    return {"objects": [_by_split(face_items), _by_split(coin_items)], "places": _load_places(folder)}
+
+
+def _load_places(folder):
+    """places[p][split]: the list of (RGB uint8 photo, [(top, left, side) tile, ...]) of place p."""
+    from PIL import Image
+
     places = []
     for names in PLACE_PHOTOS:
         per_split = {split: [] for split in ("train", "val", "test")}
@@ -90,7 +95,7 @@ def load_sources(data_dir=None):
             for split in per_split:
                 per_split[split].append((photo, [t for k, t in enumerate(tiles) if SPLIT_OF_INDEX[k % 5] == split]))
         places.append(per_split)
-    return {"objects": objects, "places": places}
+    return places
 
 
 def _disk(side):
@@ -168,7 +173,7 @@ def make_pretraining_split(count, image_size=64, seed=0, object_scale=(0.28, 0.4
     for name in PRETRAIN_OBJECT_PHOTOS:
         with Image.open(os.path.join(folder, name)) as image:
             greys.append(np.asarray(image.convert("L")))
-    scenes = [scene for place in load_sources(folder)["places"] for scene in place["train"]]
+    scenes = [scene for place in _load_places(folder) for scene in place["train"]]
     scene_names = tuple(name for names in PLACE_PHOTOS for name in names)
     rng = np.random.default_rng([seed, 3])
     labels = rng.permutation(np.arange(count) % len(PRETRAIN_OBJECT_PHOTOS))
